@@ -1,0 +1,1 @@
+"""Slide readers: one interface (``SlideReader``), adapters per library, ``open_slide`` routes."""
