@@ -17,8 +17,8 @@
         └── JobNotFoundError           JOB_NOT_FOUND
     XmagUsageError(RuntimeError)       misuse of the API (e.g. a closed reader), a bug in the caller
 
-Codes are part of the public interface: the CLI prints them, the service maps them to HTTP statuses in
-one table (``service.problems``), and tests assert them. Never change a code's meaning.
+Codes are part of the public interface: the CLI prints them, the service maps them to HTTP
+statuses in one table (``service.problems``), and tests assert them. Never change a code's meaning.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = [
+    "SUPPORTED_FORMATS_SENTENCE",
     "ChecksumMismatchError",
     "CorruptSlideError",
     "InferenceError",
@@ -72,7 +73,11 @@ class XmagError(Exception):
         self.fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in fields.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, **({"fields": self.fields} if self.fields else {})}
+        return {
+            "code": self.code,
+            "message": self.message,
+            **({"fields": self.fields} if self.fields else {}),
+        }
 
     def __str__(self) -> str:
         return f"[{self.code}] {self.message}"
@@ -152,7 +157,7 @@ class XmagUsageError(RuntimeError):
 
 
 def all_error_codes() -> dict[str, type[XmagError]]:
-    """Every concrete error class by code, walked from the tree (used by the service's status table)."""
+    """Every error class by code, walked from the tree (the service's status table uses it)."""
     out: dict[str, type[XmagError]] = {}
     stack: list[type[XmagError]] = [XmagError]
     while stack:

@@ -8,6 +8,7 @@ results can say how they were made, and warnings for values that look wrong.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -47,7 +48,9 @@ class MppInfo:
 def _check_value(value: float | None, what: str, path: object) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    # numbers.Real also admits numpy scalars; bool is a Real but never a resolution.
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not valid or not math.isfinite(value) or value <= 0:
         raise InvalidMppError(
             f"{what} of {value!r} um/px for {path} is not a positive number; give the level-0 "
             "microns per pixel, e.g. 0.25 for a 40x scan.",
@@ -84,16 +87,28 @@ def resolve_mpp(
     override = _check_value(override, "mpp override", reader.path)
     default = _check_value(default, "default mpp", reader.path)
     if override is not None:
-        return MppInfo(override, override, MppSource.OVERRIDE, "caller override", _warnings(override, override))
+        return MppInfo(
+            override, override, MppSource.OVERRIDE, "caller override", _warnings(override, override)
+        )
     meta = reader.metadata_mpp()
-    if meta is not None and meta.mpp_x > 0 and meta.mpp_y > 0:
-        return MppInfo(meta.mpp_x, meta.mpp_y, MppSource.METADATA, meta.field, _warnings(meta.mpp_x, meta.mpp_y))
+    if meta is not None and all(math.isfinite(v) and v > 0 for v in (meta.mpp_x, meta.mpp_y)):
+        return MppInfo(
+            meta.mpp_x,
+            meta.mpp_y,
+            MppSource.METADATA,
+            meta.field,
+            _warnings(meta.mpp_x, meta.mpp_y),
+        )
     power = reader.objective_power()
-    if power is not None and power > 0:
+    if power is not None and math.isfinite(power) and power > 0:
         v = OBJECTIVE_UM_AT_1X / power
-        return MppInfo(v, v, MppSource.OBJECTIVE_POWER, f"objective power {power:g}", _warnings(v, v))
+        return MppInfo(
+            v, v, MppSource.OBJECTIVE_POWER, f"objective power {power:g}", _warnings(v, v)
+        )
     if default is not None:
-        return MppInfo(default, default, MppSource.DEFAULT, "caller default", _warnings(default, default))
+        return MppInfo(
+            default, default, MppSource.DEFAULT, "caller default", _warnings(default, default)
+        )
     raise UnknownMppError(
         f"{reader.path} states no microns per pixel (no mpp metadata, no objective power). Pass an "
         "explicit mpp (--mpp / mpp_override) or allow a default (--default-mpp / default_mpp).",

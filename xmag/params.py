@@ -16,15 +16,26 @@ class TilingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tile_px: int = Field(DEFAULT_TILE_PX, ge=16, le=4096, description="tile side in pixels at target_mpp")
-    target_mpp: float = Field(DEFAULT_TARGET_MPP, gt=0, le=100, description="um/px the model reads")
-    overlap_px: int = Field(0, ge=0, description="overlap between neighbouring tiles, pixels at target_mpp")
-    tissue_threshold: float = Field(
-        DEFAULT_TISSUE_THRESHOLD, ge=0.0, le=1.0, description="minimum tissue fraction to keep a tile"
+    tile_px: int = Field(
+        DEFAULT_TILE_PX, ge=16, le=4096, description="tile side in pixels at target_mpp"
     )
-    mpp_override: float | None = Field(None, gt=0, description="level-0 um/px to use instead of metadata")
+    target_mpp: float = Field(DEFAULT_TARGET_MPP, gt=0, le=100, description="um/px the model reads")
+    overlap_px: int = Field(
+        0, ge=0, description="overlap between neighbouring tiles, pixels at target_mpp"
+    )
+    tissue_threshold: float = Field(
+        DEFAULT_TISSUE_THRESHOLD,
+        ge=0.0,
+        le=1.0,
+        description="minimum tissue fraction to keep a tile",
+    )
+    mpp_override: float | None = Field(
+        None, gt=0, description="level-0 um/px to use instead of metadata"
+    )
     default_mpp: float | None = Field(
-        None, gt=0, description="level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)"
+        None,
+        gt=0,
+        description="level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)",
     )
 
     @property
