@@ -1,0 +1,264 @@
+"""End to end: real slides through the real API, Redis, Dramatiq workers and the default model.
+
+Covers success by upload and by reference with artifacts, a batch with a bad slide, bad inputs that
+fail with their code while the worker keeps serving, signed webhooks with a retried delivery,
+cancel, kill -9 of a worker mid-job (completed exactly once by the next worker), and a Redis
+restart with queued jobs (none lost: AOF).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import httpx
+import pytest
+
+from service.embedded_redis import EmbeddedRedis
+from service.webhooks import verify
+from tests.conftest import SLIDES_DIR
+from tests.service_helpers import (
+    ROOT,
+    WEBHOOK_SECRET,
+    Proc,
+    WebhookReceiver,
+    client,
+    service_env,
+    start_api,
+    start_worker,
+    upload,
+    wait_job,
+    wait_ready,
+)
+
+SVS = SLIDES_DIR / "CMU-1-Small-Region.svs"
+OME = SLIDES_DIR / "OS-1-detail.ome.tif"
+VSI = SLIDES_DIR / "vsi-ets-test-jpg2k" / "vsi-ets-test-jpg2k.vsi"
+SLIDE_INPUT_CODES = {"UNSUPPORTED_FORMAT", "CORRUPT_SLIDE", "REGION_READ_FAILED"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "default"
+    subprocess.run(
+        [sys.executable, "-m", "model_export.default_package", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated slide from real tissue with enough tiles that a job lasts long enough to kill."""
+    from xmag.synthetic import make_large_slide
+
+    path = tmp_path_factory.mktemp("big") / "big.svs"
+    make_large_slide(path, layout="20x", width=16000, height=12000, seed=7)
+    return path
+
+
+@dataclass
+class Stack:
+    data: Path
+    env: dict[str, str]
+    redis_server: EmbeddedRedis
+    base: str
+    api: Proc
+    workers: list[Proc]
+
+    def add_worker(self) -> Proc:
+        proc = start_worker(self.env, self.data / f"worker{len(self.workers)}.log")
+        self.workers.append(proc)
+        return proc
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+        self.workers.clear()
+
+    def job_field(self, job_id: str, name: str) -> str:
+        with self.redis_server.client() as r:
+            return (r.hget(f"xmag:job:{job_id}", name) or b"").decode()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, big_slide: Path
+) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("e2e")
+    redis_server = EmbeddedRedis(data / "redis").start()
+    roots = f"{SLIDES_DIR},{big_slide.parent}"
+    env = service_env(redis_server.url, data, model_dir, XMAG_SLIDE_ROOTS=roots)
+    api, base = start_api(env, data / "api.log")
+    s = Stack(data, env, redis_server, base, api, [])
+    s.add_worker()
+    try:
+        yield s
+    finally:
+        s.stop_workers()
+        s.api.stop()
+        redis_server.stop()
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with client(stack.base) as c:
+        if not stack.workers:
+            stack.add_worker()
+        wait_ready(c)
+        yield c
+
+
+def _assert_artifacts(http: httpx.Client, job: dict, tmp_path: Path) -> None:
+    result = http.get(job["links"]["result"])
+    assert result.status_code == 200
+    assert result.json()["qc"]["tiles_kept"] > 0
+    features = http.get(job["links"]["features.h5"])
+    assert features.status_code == 200
+    (tmp_path / "f.h5").write_bytes(features.content)
+    with h5py.File(tmp_path / "f.h5") as h5:
+        assert h5["features"].shape[0] == h5["coords"].shape[0] > 0
+    png = http.get(job["links"]["heatmap.png"])
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    geojson = http.get(job["links"]["tiles.geojson"]).json()
+    assert geojson["type"] == "FeatureCollection" and geojson["features"]
+
+
+def test_a_slide_by_upload_and_one_by_reference_succeed_with_result_and_artifacts(
+    http: httpx.Client, stack: Stack, tmp_path: Path
+) -> None:
+    uploaded = http.post("/v1/jobs", json={"slide_id": upload(http, SVS)}).json()
+    referenced = http.post("/v1/jobs", json={"path": OME.name}).json()
+    for submitted in (uploaded, referenced):
+        job = wait_job(http, submitted["id"])
+        assert job["state"] == "succeeded", job
+        assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"] > 0
+        assert job["started_at"] and job["finished_at"]
+        _assert_artifacts(http, job, tmp_path)
+    assert http.get("/v1/models").json()["models"]
+    metrics = http.get("/metrics").text
+    assert 'xmag_jobs_finished_total{state="succeeded"}' in metrics
+
+
+def test_a_batch_with_one_bad_slide_fails_only_that_slide_with_its_code(
+    http: httpx.Client,
+) -> None:
+    body = {
+        "jobs": [{"path": SVS.name}, {"path": str(VSI.relative_to(SLIDES_DIR))}, {"path": OME.name}]
+    }
+    batch = http.post("/v1/batches", json=body)
+    assert batch.status_code == 202, batch.text
+    jobs = [wait_job(http, j["id"]) for j in batch.json()["jobs"]]
+    assert [j["state"] for j in jobs] == ["succeeded", "failed", "succeeded"]
+    assert jobs[1]["error"]["code"] == "UNSUPPORTED_FORMAT"
+    assert jobs[1]["attempts"] == 1  # input errors are never retried
+    view = http.get(f"/v1/batches/{batch.json()['id']}").json()
+    assert view["state"] == "completed" and view["counts"]["failed"] == 1
+    listed = http.get("/v1/jobs", params={"batch": view["id"], "state": "failed"}).json()
+    assert [j["id"] for j in listed["items"]] == [jobs[1]["id"]]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is a lab report, not a slide\n", SVS.read_bytes()[:200_000]],
+    ids=["text-file", "truncated-svs"],
+)
+def test_a_bad_upload_fails_with_its_code_and_the_worker_serves_the_next_job(
+    http: httpx.Client, content: bytes
+) -> None:
+    slide_id = http.put("/v1/slides", params={"filename": "bad.svs"}, content=content).json()
+    bad = wait_job(
+        http, http.post("/v1/jobs", json={"slide_id": slide_id["slide_id"]}).json()["id"]
+    )
+    assert bad["state"] == "failed" and bad["error"]["code"] in SLIDE_INPUT_CODES
+    problem = http.get(f"/v1/jobs/{bad['id']}/result")
+    assert problem.status_code == 422 and problem.json()["code"] == bad["error"]["code"]
+    good = wait_job(http, http.post("/v1/jobs", json={"path": OME.name}).json()["id"])
+    assert good["state"] == "succeeded"
+
+
+def test_webhooks_are_signed_retried_and_carry_no_patient_data(http: httpx.Client) -> None:
+    with WebhookReceiver(fail_first=1) as receiver:
+        ok = http.post("/v1/jobs", json={"path": SVS.name, "callback_url": receiver.url}).json()
+        bad_id = http.put("/v1/slides", content=b"not a slide").json()["slide_id"]
+        bad = http.post("/v1/jobs", json={"slide_id": bad_id, "callback_url": receiver.url}).json()
+        headers, body = receiver.wait_for(ok["id"])
+        event = verify(WEBHOOK_SECRET, headers, body)
+        assert event["type"] == "job.succeeded"
+        assert event["data"]["result_url"].endswith(f"/v1/jobs/{ok['id']}/result")
+        headers, body = receiver.wait_for(bad["id"])
+        event = verify(WEBHOOK_SECRET, headers, body)
+        assert event["data"]["state"] == "failed"
+        assert event["data"]["error_code"] == "UNSUPPORTED_FORMAT"
+        assert SVS.name not in body and "/slides" not in body
+        assert receiver.attempts >= 3  # the first delivery got a 503 and was retried
+
+
+def _wait_running(http: httpx.Client, job_id: str) -> dict:
+    return wait_job(http, job_id, states={"running", "succeeded", "failed"})
+
+
+def test_a_running_job_is_canceled_between_batches(http: httpx.Client, big_slide: Path) -> None:
+    job = http.post("/v1/jobs", json={"path": big_slide.name}).json()
+    assert _wait_running(http, job["id"])["state"] == "running"
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    final = wait_job(http, job["id"])
+    assert final["state"] == "canceled" and final["error"]["code"] == "JOB_CANCELED"
+    assert wait_job(http, http.post("/v1/jobs", json={"path": OME.name}).json()["id"])["state"] == (
+        "succeeded"
+    )
+
+
+def test_a_worker_killed_mid_job_leaves_it_to_the_next_worker_which_completes_it_once(
+    http: httpx.Client, stack: Stack, big_slide: Path
+) -> None:
+    job = http.post("/v1/jobs", json={"path": big_slide.name}).json()
+    assert _wait_running(http, job["id"])["state"] == "running"
+    stack.workers.pop().kill9()
+    assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"
+    stack.add_worker()
+    final = wait_job(http, job["id"], timeout_s=180)
+    assert final["state"] == "succeeded", final
+    assert final["attempts"] == 2
+    assert stack.job_field(job["id"], "completions") == "1"
+
+    # A duplicate delivery of the finished job is a no-op: still one completion.
+    from service.queue import declare_actors, make_broker
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(_env_file=None)
+    broker = make_broker(settings, stack.redis_server.url)
+    declare_actors(broker, settings).slides["normal"].send(job["id"])
+    broker.join("xmag-slides", timeout=30_000)
+    broker.close()
+    assert stack.job_field(job["id"], "completions") == "1"
+    assert http.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 2
+
+
+def test_jobs_queued_before_a_redis_restart_are_all_completed_after_it(
+    http: httpx.Client, stack: Stack
+) -> None:
+    stack.stop_workers()
+    ids = [
+        http.post("/v1/jobs", json={"path": p}).json()["id"] for p in (SVS.name, OME.name, SVS.name)
+    ]
+    stack.redis_server.stop()  # clean shutdown; RDB snapshots are off, so only the AOF keeps data
+    stack.redis_server.start()
+    listed = {
+        j["id"]: j["state"]
+        for j in http.get("/v1/jobs", params={"state": "queued"}).json()["items"]
+    }
+    assert all(listed.get(i) == "queued" for i in ids), listed
+    stack.add_worker()
+    wait_ready(http)
+    assert [wait_job(http, i)["state"] for i in ids] == ["succeeded"] * 3
+    with stack.redis_server.client() as r:
+        assert r.config_get("appendonly") == {b"appendonly": b"yes"} or r.config_get(
+            "appendonly"
+        ) == {"appendonly": "yes"}

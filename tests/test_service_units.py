@@ -1,0 +1,153 @@
+"""Service parts that need no server: status table, webhook signatures, slide references, keys."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import service.errors
+import service.webhooks  # registers WebhookDeliveryError in the error tree
+from service.auth import Scope, parse_key_entry
+from service.problems import STATUS_BY_CODE
+from service.results import content_key
+from service.settings import ServiceSettings
+from service.slides import resolve_reference, safe_extension
+from service.webhooks import build_event, sign, verify
+from xmag.errors import SlideNotFoundError, all_error_codes
+
+
+def test_every_error_code_of_the_tree_has_an_http_status() -> None:
+    unmapped = sorted(set(all_error_codes()) - set(STATUS_BY_CODE))
+    assert not unmapped, f"add these codes to service.problems.STATUS_BY_CODE: {unmapped}"
+
+
+def test_input_errors_map_to_client_statuses_and_runtime_faults_to_server_statuses() -> None:
+    for code, cls in all_error_codes().items():
+        status = STATUS_BY_CODE[code]
+        assert 400 <= status < 600, code
+        if issubclass(cls, service.errors.RequestError):
+            assert 400 <= status < 500, code
+
+
+def test_webhook_signature_matches_the_standard_webhooks_reference_vector() -> None:
+    # Test vector published with the Standard Webhooks specification (standardwebhooks.com).
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    signature = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}')
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_webhook_verification_refuses_a_tampered_body() -> None:
+    import time
+
+    secret = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTEyMzQ="
+    ts = int(time.time())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, "msg_1", ts, '{"a":1}'),
+    }
+    assert verify(secret, headers, '{"a":1}') == {"a": 1}
+    with pytest.raises(ValueError, match="signature"):
+        verify(secret, headers, '{"a":2}')
+
+
+def test_webhook_body_carries_the_error_code_but_never_the_message_or_a_path() -> None:
+    record = {
+        "id": "job_1",
+        "state": "failed",
+        "error": '{"code": "UNSUPPORTED_FORMAT", "message": "/slides/PATIENT-DOE-JOHN.svs is bad"}',
+        "slide_path": "/slides/PATIENT-DOE-JOHN.svs",
+        "result_url": "http://x/v1/jobs/job_1/result",
+    }
+    event = build_event(record)
+    text = str(event)
+    assert event["data"]["error_code"] == "UNSUPPORTED_FORMAT"
+    assert "PATIENT" not in text and "/slides" not in text
+    assert event["data"]["result_url"] is None
+
+
+def test_a_reference_under_a_root_resolves_to_its_real_path(tmp_path: Path) -> None:
+    (tmp_path / "case").mkdir()
+    slide = tmp_path / "case" / "a.svs"
+    slide.write_bytes(b"x")
+    assert resolve_reference(str(slide), [tmp_path]) == slide.resolve()
+    assert resolve_reference("case/a.svs", [tmp_path]) == slide.resolve()
+    assert resolve_reference(f"file://{slide}", [tmp_path]) == slide.resolve()
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "../etc/passwd",
+        "case/../../etc/passwd",
+        "/etc/passwd",
+        "s3://bucket/slide.svs",
+        "http://example.org/slide.svs",
+        "file://otherhost/slide.svs",
+        "case/\x00.svs",
+    ],
+)
+def test_traversal_foreign_paths_and_unknown_schemes_are_refused(
+    tmp_path: Path, reference: str
+) -> None:
+    (tmp_path / "case").mkdir()
+    with pytest.raises(service.errors.SlideReferenceError):
+        resolve_reference(reference, [tmp_path])
+
+
+def test_a_symlink_out_of_the_roots_is_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.svs").write_bytes(b"x")
+    os.symlink(outside / "secret.svs", root / "link.svs")
+    with pytest.raises(service.errors.SlideReferenceError, match="outside"):
+        resolve_reference("link.svs", [root])
+
+
+def test_a_missing_reference_is_slide_not_found(tmp_path: Path) -> None:
+    with pytest.raises(SlideNotFoundError):
+        resolve_reference("nothing.svs", [tmp_path])
+
+
+def test_references_are_refused_when_no_root_is_configured(tmp_path: Path) -> None:
+    with pytest.raises(service.errors.SlideReferenceError, match="XMAG_SLIDE_ROOTS"):
+        resolve_reference(str(tmp_path), [])
+
+
+def test_only_a_plain_extension_survives_from_a_client_file_name() -> None:
+    assert safe_extension("DOE^JOHN 1234.SVS") == ".svs"
+    assert safe_extension("x.ome.tif") == ".ome.tif"
+    assert safe_extension("../../weird.ext;rm -rf") == ""
+    assert safe_extension(None) == ""
+
+
+def test_api_key_entries_give_scopes_and_refuse_short_keys() -> None:
+    assert parse_key_entry("k" * 20)[1] == frozenset(Scope)
+    assert parse_key_entry("k" * 20 + ":read")[1] == frozenset({Scope.READ})
+    with pytest.raises(ValueError, match="characters"):
+        parse_key_entry("short")
+    with pytest.raises(ValueError, match="scope"):
+        parse_key_entry("k" * 20 + ":admin")
+
+
+def test_settings_read_the_documented_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("XMAG_API_KEYS", "a" * 20 + ", " + "b" * 20 + ":read")
+    monkeypatch.setenv("XMAG_SLIDE_ROOTS", "/slides,/archive")
+    settings = ServiceSettings()
+    assert settings.redis_url == "redis://cache:6379/0"
+    assert settings.api_keys == ["a" * 20, "b" * 20 + ":read"]
+    assert settings.slide_roots == [Path("/slides"), Path("/archive")]
+
+
+def test_the_content_key_ignores_timings_but_not_the_slide_or_model() -> None:
+    base = {"slide": {"sha256": "aa", "path": "/x"}, "model": {"sha256": "m"}, "timings": {"a": 1}}
+    same = {"slide": {"sha256": "aa", "path": "/y"}, "model": {"sha256": "m"}, "timings": {"a": 9}}
+    other_slide = {**base, "slide": {"sha256": "bb"}}
+    other_model = {**base, "model": {"sha256": "n"}}
+    assert content_key(base) == content_key(same)
+    assert content_key(base) != content_key(other_slide)
+    assert content_key(base) != content_key(other_model)
