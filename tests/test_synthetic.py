@@ -28,8 +28,11 @@ KEPT_TOLERANCE = 0.10
 # Pixels: a 5x tile read from the pyramid and resampled vs the same field read at level 0 and
 # area-resized. Both are averages of the same tissue; JPEG error and the different resampling
 # paths leave a few grey levels of difference (measured ~2-4); a shifted or mis-scaled tile differs
-# by 15+ on this tissue.
-REFERENCE_MAX_MEAN_ABS_DIFF = 6.0
+# by 15+ on this tissue. The 20x layout's native 5x level is rendered from the source tissue on its
+# own (not downsampled from level 0), so it differs more from a level-0 read (measured up to 7.4).
+REFERENCE_MAX_MEAN_ABS_DIFF = {"40x": 6.0, "20x": 10.0}
+# ...and the aligned reference must always be much closer than one shifted by 1/8 of a tile.
+SHIFTED_MIN_RATIO = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,7 @@ def test_kept_tiles_match_the_known_mask_within_tolerance(
         ]
     )
     expected_keep = expected >= params.tissue_threshold
-    assert grid.n_total > 500
+    assert grid.n_total > 300  # 23 x 17 = 391 whole 64 px tiles on the 40x slide
     assert abs(grid.n_kept - expected_keep.sum()) <= KEPT_TOLERANCE * expected_keep.sum()
     # The same tiles, not just as many: disagreements are a minority of outline tiles.
     assert (grid.keep != expected_keep).sum() <= KEPT_TOLERANCE * expected_keep.sum()
@@ -211,4 +214,10 @@ def test_tile_pixels_match_a_direct_level_0_read_and_equal_read_tile(
             direct = reader.read_region((x, y), 0, (side, side))
             ref = cv2.resize(direct, (grid.tile_px, grid.tile_px), interpolation=cv2.INTER_AREA)
             diff = np.abs(ref.astype(np.float32) - pixels[k]).mean()
-            assert diff < REFERENCE_MAX_MEAN_ABS_DIFF, (index, diff)
+            assert diff < REFERENCE_MAX_MEAN_ABS_DIFF[synth.layout], (index, diff)
+            shifted = reader.read_region((x + side // 8, y), 0, (side, side))
+            ref_shifted = cv2.resize(
+                shifted, (grid.tile_px, grid.tile_px), interpolation=cv2.INTER_AREA
+            )
+            diff_shifted = np.abs(ref_shifted.astype(np.float32) - pixels[k]).mean()
+            assert diff_shifted > SHIFTED_MIN_RATIO * diff, (index, diff, diff_shifted)

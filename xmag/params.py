@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["DEFAULT_TARGET_MPP", "DEFAULT_TILE_PX", "TilingParams"]
 
@@ -38,9 +38,16 @@ class TilingParams(BaseModel):
         description="level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)",
     )
 
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> TilingParams:
+        # A tile overlapping its neighbour by its whole size would give a stride of 0 (or less).
+        if self.overlap_px >= self.tile_px:
+            raise ValueError(
+                f"overlap_px ({self.overlap_px}) must be smaller than tile_px ({self.tile_px})"
+            )
+        return self
+
     @property
     def stride_px(self) -> int:
-        """Distance between tile origins, pixels at target_mpp."""
-        if self.overlap_px >= self.tile_px:
-            raise ValueError("overlap_px must be smaller than tile_px")
+        """Distance between tile origins, pixels at target_mpp (always >= 1)."""
         return self.tile_px - self.overlap_px
