@@ -1,4 +1,4 @@
-"""Shared fixtures: the real slides copied from ../shared/slides (see tests/data/slides/PROVENANCE.md)."""
+"""Shared fixtures: the real slides copied from ../shared/slides (see their PROVENANCE.md)."""
 
 from __future__ import annotations
 

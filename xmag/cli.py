@@ -1,0 +1,352 @@
+"""The ``xmag`` command line: ``embed`` and ``inspect``, plus plugin commands.
+
+    xmag embed SLIDE... --model DIR --out DIR [--json] [--mpp] [--default-mpp] [--batch-size]
+                        [--tissue-threshold] [--no-cache] [--cache-dir]
+    xmag inspect SLIDE [--json] [--model DIR] [--mpp] [--default-mpp] [--tissue-threshold]
+
+``--json`` prints one document on stdout whose JSON Schema is published in docs/
+(``embed.schema.json``, ``inspect.schema.json``, with ``result.schema.json`` for each result);
+progress, warnings and errors go to stderr. Exit codes: 0 every slide succeeded, 1 at least one
+slide failed (each with its typed error), 2 bad usage or a model package that does not load.
+
+Other packages add commands through the ``xmag.commands`` entry point group: each entry point is
+a ``register(app: typer.Typer) -> None`` (the service registers ``serve`` and ``worker``).
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from xmag.errors import SlideNotFoundError, XmagError
+from xmag.results import (
+    EmbedOutcome,
+    EmbedReport,
+    ErrorInfo,
+    InspectReport,
+    SlideOptions,
+    describe_plan,
+    levels_out,
+)
+
+if TYPE_CHECKING:
+    from xmag.engine import Engine
+
+__all__ = ["DEFAULT_MODEL_DIR", "build_app", "default_cache_dir", "load_plugins", "main"]
+
+DEFAULT_MODEL_DIR = Path("models/default")
+PLUGIN_GROUP = "xmag.commands"
+EXIT_SLIDE_FAILED = 1
+EXIT_USAGE = 2
+_GLOB_CHARS = set("*?[")
+
+
+def default_cache_dir() -> Path:
+    """Where ``embed`` caches results unless told otherwise (``~/.cache/xmag/results``)."""
+    return Path.home() / ".cache" / "xmag" / "results"
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _error_info(exc: XmagError) -> ErrorInfo:
+    return ErrorInfo(code=exc.code, message=exc.message, fields=_jsonable(exc.fields))
+
+
+def _jsonable(fields: dict[str, object]) -> dict[str, object]:
+    import json
+
+    return json.loads(json.dumps(fields, default=str))
+
+
+def expand_slides(patterns: list[str]) -> list[tuple[str, Path | None]]:
+    """(argument, path) per slide: globs expanded in sorted order; a glob matching nothing gives
+    (pattern, None) so it is reported as a failure, not silently dropped."""
+    out: list[tuple[str, Path | None]] = []
+    for arg in patterns:
+        if _GLOB_CHARS & set(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            out.extend((m, Path(m)) for m in matches)
+            if not matches:
+                out.append((arg, None))
+        else:
+            out.append((arg, Path(arg)))
+    return out
+
+
+def _out_dir(root: Path, slide: Path, used: set[str]) -> Path:
+    """``root/<slide name without suffix>``, suffixed -2, -3... when two slides share a name."""
+    base = slide.name.split(".")[0] or slide.name
+    name, n = base, 1
+    while name in used:
+        n += 1
+        name = f"{base}-{n}"
+    used.add(name)
+    return root / name
+
+
+def embed(
+    slides: Annotated[list[str], typer.Argument(help="Slide files, DICOM folders, or globs.")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Model package folder (model.json + ONNX).")
+    ] = DEFAULT_MODEL_DIR,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Results root: one sub-folder per slide.")
+    ] = Path("xmag-out"),
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the EmbedReport JSON on stdout.")
+    ] = False,
+    mpp: Annotated[
+        float | None, typer.Option("--mpp", min=0.01, help="Level-0 um/px to use for every slide.")
+    ] = None,
+    default_mpp: Annotated[
+        float | None,
+        typer.Option("--default-mpp", min=0.01, help="Level-0 um/px for slides that state none."),
+    ] = None,
+    tissue_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--tissue-threshold", min=0.0, max=1.0, help="Tissue fraction to keep a tile."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Tiles per model call.")
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute even when a cached result exists.")
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Result cache folder (XMAG_CACHE_DIR).")
+    ] = None,
+) -> None:
+    """Embed slides: result.json, features.h5, heatmap.png and tiles.geojson per slide."""
+    from xmag.engine import Engine
+    from xmag.settings import EngineSettings
+
+    err = _stderr()
+    overrides: dict[str, object] = {}
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    settings = EngineSettings(**overrides)  # type: ignore[arg-type]
+    if no_cache:
+        settings.cache_dir = None
+    else:
+        settings.cache_dir = cache_dir or settings.cache_dir or default_cache_dir()
+    try:
+        engine = Engine.from_dir(model, settings)
+    except XmagError as exc:
+        err.print(f"[red]error[/red] loading model {model}: {exc}")
+        raise typer.Exit(EXIT_USAGE) from exc
+    card = engine.package.card
+    if not card.trained:
+        err.print(
+            f"[yellow]warning[/yellow]: model {card.name} {card.version} is untrained "
+            "(model.json says trained=false): its embeddings and predictions mean nothing."
+        )
+    options = SlideOptions(
+        mpp_override=mpp, default_mpp=default_mpp, tissue_threshold=tissue_threshold
+    )
+    outcomes = _embed_all(engine, expand_slides(slides), out, options, err, json_out)
+    if json_out:
+        report = EmbedReport(model=f"{card.name}@{card.version}", outcomes=outcomes)
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    failed = sum(not o.ok for o in outcomes)
+    if failed:
+        err.print(f"[red]{failed} of {len(outcomes)} slides failed[/red]")
+        raise typer.Exit(EXIT_SLIDE_FAILED)
+
+
+def _embed_all(
+    engine: Engine,
+    slides: list[tuple[str, Path | None]],
+    out: Path,
+    options: SlideOptions,
+    err: Console,
+    quiet: bool,
+) -> list[EmbedOutcome]:
+    used: set[str] = set()
+    outcomes: list[EmbedOutcome] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tiles  {task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as bar:
+        for arg, path in slides:
+            if path is None:
+                exc: XmagError = SlideNotFoundError(f"no file matches {arg!r}.", path=arg)
+                outcomes.append(EmbedOutcome(slide=arg, ok=False, error=_error_info(exc)))
+                err.print(f"[red]✗[/red] {arg}: {exc}")
+                continue
+            out_dir = _out_dir(out, path, used)
+            task = bar.add_task(path.name, total=None, rate="-")
+            clock: dict[str, float] = {}
+
+            def progress(done: int, total: int, task: TaskID = task, clock: dict = clock) -> None:
+                # tiles/s from the first progress call: the plan before it reads no tile
+                t0 = clock.setdefault("t0", time.perf_counter())
+                rate = f"{done / (time.perf_counter() - t0):.1f}/s" if done else "-"
+                bar.update(task, completed=done, total=total, rate=rate)
+
+            try:
+                result = engine.embed_slide(path, out_dir, options=options, progress=progress)
+            except XmagError as exc:
+                outcomes.append(EmbedOutcome(slide=arg, ok=False, error=_error_info(exc)))
+                bar.update(task, description=f"[red]✗ {path.name}")
+                err.print(f"[red]✗[/red] {arg}: {exc}")
+                continue
+            outcomes.append(EmbedOutcome(slide=arg, ok=True, out_dir=str(out_dir), result=result))
+            hit = " (cache hit)" if result.cache_hit else ""
+            if not quiet:
+                top = ", ".join(f"{p.name}={p.top_label}" for p in result.predictions)
+                err.print(
+                    f"[green]✓[/green] {arg} -> {out_dir}: {result.tiles.kept} tiles on "
+                    f"{result.provider}, {result.duration_s:.2f} s{hit}"
+                    + (f"; {top}" if top else "")
+                )
+    return outcomes
+
+
+def inspect_cmd(
+    slide: Annotated[Path, typer.Argument(help="A slide file or DICOM folder.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the InspectReport JSON.")] = False,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Take tile size and target mpp from this package."),
+    ] = None,
+    mpp: Annotated[float | None, typer.Option("--mpp", min=0.01)] = None,
+    default_mpp: Annotated[float | None, typer.Option("--default-mpp", min=0.01)] = None,
+    tissue_threshold: Annotated[
+        float | None, typer.Option("--tissue-threshold", min=0, max=1)
+    ] = None,
+) -> None:
+    """Show what the core sees in a slide (no model is run)."""
+    report = inspect_slide(
+        slide,
+        model=model,
+        options=SlideOptions(
+            mpp_override=mpp, default_mpp=default_mpp, tissue_threshold=tissue_threshold
+        ),
+    )
+    if json_out:
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    else:
+        _print_inspect(report)
+    if not report.ok:
+        raise typer.Exit(EXIT_SLIDE_FAILED)
+
+
+def inspect_slide(
+    slide: Path, *, model: Path | None = None, options: SlideOptions | None = None
+) -> InspectReport:
+    """Open, resolve mpp, find tissue and tile ``slide``; a typed error becomes ``error``."""
+    from xmag.package import load_package
+    from xmag.params import TilingParams
+    from xmag.plan import plan_slide
+    from xmag.readers import open_slide
+
+    opts = (options or SlideOptions()).model_dump()
+    report = InspectReport(path=str(slide), ok=False)
+    try:
+        params = (
+            load_package(model).card.tiling_params(**opts)
+            if model is not None
+            else TilingParams(**{k: v for k, v in opts.items() if v is not None})
+        )
+        report.params = params
+        with open_slide(slide) as reader:
+            report.reader, report.vendor, report.format = reader.name, reader.vendor, reader.format
+            report.dimensions = reader.dimensions
+            report.levels = levels_out(reader.levels)
+            plan = plan_slide(reader, params)
+        for key, value in describe_plan(plan).items():
+            setattr(report, key, value)
+        report.ok = True
+    except XmagError as exc:
+        report.error = _error_info(exc)
+    return report
+
+
+def _print_inspect(r: InspectReport) -> None:
+    out = Console(highlight=False)
+    out.print(f"[bold]{r.path}[/bold]")
+    if r.reader:
+        out.print(f"  reader {r.reader}, vendor {r.vendor}, format {r.format}, {r.dimensions} px")
+        for lv in r.levels:
+            out.print(f"  level {lv.index}: {lv.width} x {lv.height}, downsample {lv.downsample:g}")
+    if r.mpp:
+        out.print(f"  mpp {r.mpp.mpp:.4g} um/px from {r.mpp.source} ({r.mpp.detail})")
+    if r.level:
+        out.print(
+            f"  reads level {r.level.level} ({r.level.level_mpp:.4g} um/px), resample x"
+            f"{r.level.resample_factor:.3g} to {r.level.target_mpp:g} um/px"
+        )
+    if r.tissue and r.tiles:
+        out.print(f"  tissue {r.tissue.area_mm2:.2f} mm2 ({r.tissue.method})")
+        out.print(f"  tiles kept {r.tiles.kept} of {r.tiles.total} ({r.tiles.tile_px} px)")
+    if r.qc:
+        out.print(f"  modality guess {r.qc.modality}; warnings: {r.qc.warnings or 'none'}")
+    if r.error:
+        _stderr().print(f"[red]✗[/red] [{r.error.code}] {r.error.message}")
+
+
+def build_app() -> typer.Typer:
+    """The core app (``embed``, ``inspect``) without plugins."""
+    app = typer.Typer(
+        name="xmag",
+        help="Whole-slide images at 5x through distilled tile encoders.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.command("embed")(embed)
+    app.command("inspect")(inspect_cmd)
+    return app
+
+
+def load_plugins(app: typer.Typer, group: str = PLUGIN_GROUP) -> list[str]:
+    """Call every ``register(app)`` of the entry point group; returns the names loaded.
+
+    A plugin whose package is not installed (the core without the service) is skipped quietly;
+    any other failure while loading one is reported on stderr and the others still load.
+    """
+    loaded = []
+    for ep in entry_points(group=group):
+        try:
+            register = ep.load()
+        except ModuleNotFoundError as exc:
+            if exc.name and ep.value.split(":")[0].startswith(exc.name):
+                continue  # the plugin's own package is absent: nothing to offer
+            _stderr().print(f"[yellow]warning[/yellow]: plugin {ep.name!r} not loaded: {exc}")
+            continue
+        except ImportError as exc:
+            _stderr().print(f"[yellow]warning[/yellow]: plugin {ep.name!r} not loaded: {exc}")
+            continue
+        register(app)
+        loaded.append(ep.name)
+    return loaded
+
+
+def main() -> None:
+    """Console entry point: the core app plus plugin commands."""
+    app = build_app()
+    load_plugins(app)
+    app()
