@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= models/default
 DATA_DIR ?= var
 
-.PHONY: install install-train model serve worker test test-fast lint format typecheck bench bench-tiling bench-engine bench-load compose-check clean
+.PHONY: install install-train bench-export model serve worker test test-fast lint format typecheck bench bench-tiling bench-engine bench-load compose-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,10 @@ bench-engine: model
 bench-load: model
 	$(BIN)/python benchmarks/bench_load.py --model $(MODEL_DIR)
 
-bench: bench-tiling bench-engine bench-load
+bench-export: install-train
+	$(BIN)/python benchmarks/bench_export.py
+
+bench: bench-tiling bench-engine bench-load bench-export
 
 compose-check:
 	docker-compose -f docker/docker-compose.yml config -q

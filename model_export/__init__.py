@@ -1,0 +1,14 @@
+"""PyTorch students and heads -> ONNX model packages the engine loads (torch side only).
+
+    model_export.xmag_checkpoint   the official XMAG release (DINOv2 layout) -> timm ViT-B/14
+    model_export.onnx_export       encoder and MIL heads -> ONNX (opset 18, dynamic batch)
+    model_export.quantize          fp16 (float32 IO) and int8 (dynamic / static) variants
+    model_export.parity            every variant vs PyTorch on real slide tiles -> parity.json
+    model_export.package_writer    model.json (xmag.package.ModelCard) with sha256, atomic move
+    model_export.export            the pipeline: from_training / from_xmag_release -> package
+    model_export.cli               ``python -m model_export export | import-xmag | trt-bench``
+    model_export.trt_bench         TensorRT / CUDA / CPU parity and tiles/s on a GPU machine
+
+Nothing in ``xmag/`` or ``service/`` imports this package (it needs torch). Submodules are not
+imported here, so ``import model_export`` stays cheap.
+"""

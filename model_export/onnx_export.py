@@ -1,0 +1,277 @@
+"""PyTorch -> ONNX for the tile encoder and the slide heads (torch.export-based exporter).
+
+Why this exporter and opset: torch 2.14's default (``dynamo=True``) traces with ``torch.export``
+and emits a clean graph (Conv, MatMul, Softmax, LayerNormalization, Erf...) with no data-dependent
+shape ops around attention, which TensorRT parses into one engine; the legacy TorchScript exporter
+is deprecated and adds Shape/Where chains. Opset 18 is the newest that ONNX Runtime's TensorRT
+(10.x) and CUDA providers, and its CPU int8 quantizer, all handle: it has native
+LayerNormalization, and no opset-23 Attention op that older TensorRT parsers reject.
+
+Graphs (names are part of the package card):
+
+    encoder: pixels float32 [batch, 3, H, W] (normalised RGB)
+             -> embedding float32 [batch, D] (final-normed CLS)
+             (-> patch_tokens float32 [batch, H/p * W/p, D], optional)
+    MIL head: bag float32 [n_tiles, D] -> probabilities float32 [C], attention float32 [n_tiles]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from model_export.errors import ExportError
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "ENCODER_INPUT",
+    "ENCODER_OUTPUT",
+    "HEAD_INPUT",
+    "HEAD_OUTPUTS",
+    "MAX_EXPORT_BATCH",
+    "PATCH_OUTPUT",
+    "EncoderForExport",
+    "EncoderGraph",
+    "HeadGraph",
+    "MILHeadForExport",
+    "check_onnx",
+    "export_encoder",
+    "export_mil_head",
+]
+
+DEFAULT_OPSET = 18
+ENCODER_INPUT = "pixels"
+ENCODER_OUTPUT = "embedding"
+PATCH_OUTPUT = "patch_tokens"
+HEAD_INPUT = "bag"
+HEAD_OUTPUTS = ("probabilities", "attention")
+MAX_EXPORT_BATCH = 4096  # upper bound of the symbolic batch dimension (TensorRT profiles narrow it)
+_TRACE_BATCH = 2  # a batch of 1 would let the tracer specialise the batch axis to a constant
+
+
+@dataclass(frozen=True)
+class EncoderGraph:
+    """An exported encoder file and what it computes.
+
+    Attributes:
+        path: the ONNX file.
+        img_px: input side in pixels (square).
+        embed_dim: D, width of the embedding.
+        n_patch_tokens: patch tokens per tile (0 when not exported).
+        opset: ONNX opset of the default domain.
+    """
+
+    path: Path
+    img_px: int
+    embed_dim: int
+    n_patch_tokens: int
+    opset: int
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (ENCODER_OUTPUT, PATCH_OUTPUT) if self.n_patch_tokens else (ENCODER_OUTPUT,)
+
+
+@dataclass(frozen=True)
+class HeadGraph:
+    """An exported slide head: bag [N, in_dim] -> probabilities [n_classes], attention [N]."""
+
+    path: Path
+    in_dim: int
+    n_classes: int
+    opset: int
+
+
+class EncoderForExport(nn.Module):
+    """A timm ViT seen as the package's encoder: (embedding, patch tokens) from normed tokens.
+
+    The split follows ``training.models.student_tokens``: token 0 is CLS, then
+    ``num_prefix_tokens - 1`` register tokens, then the patch grid in row-major order.
+    """
+
+    def __init__(self, model: nn.Module, *, with_patch_tokens: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.with_patch_tokens = with_patch_tokens
+        self.n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+
+    def forward(self, pixels: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        tokens = self.model.forward_features(pixels)  # type: ignore[operator]
+        if self.with_patch_tokens:
+            return tokens[:, 0], tokens[:, self.n_prefix :]
+        return tokens[:, 0]
+
+
+class MILHeadForExport(nn.Module):
+    """A ``GatedAttentionMIL`` (or any bag -> (probabilities, attention) module) as a graph."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, bag: Tensor) -> tuple[Tensor, Tensor]:
+        probabilities, attention = self.head(bag)
+        return probabilities, attention
+
+
+def export_encoder(
+    model: nn.Module,
+    out_path: Path,
+    *,
+    img_px: int,
+    with_patch_tokens: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> EncoderGraph:
+    """Export a timm ViT (eval mode, fp32) to ``out_path`` with a dynamic batch axis.
+
+    Args:
+        model: the encoder; ``forward_features`` must return final-normed tokens.
+        out_path: the .onnx file written (weights inside the file, below 2 GB).
+        img_px: tile side the model reads (224 for the XMAG student at 2.0 um/px).
+        with_patch_tokens: also output the patch tokens (second output).
+        opset: ONNX default-domain opset (17 or 18 for TensorRT/CUDA).
+
+    Raises:
+        ExportError: the exporter failed or the graph does not pass ``onnx.checker``.
+    """
+    wrapper = EncoderForExport(model.eval(), with_patch_tokens=with_patch_tokens).eval()
+    example = torch.zeros(_TRACE_BATCH, 3, img_px, img_px)
+    with torch.no_grad():
+        out = wrapper(example)
+    cls = out[0] if isinstance(out, tuple) else out
+    n_patch = int(out[1].shape[1]) if isinstance(out, tuple) else 0
+    names = [ENCODER_OUTPUT, PATCH_OUTPUT] if with_patch_tokens else [ENCODER_OUTPUT]
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    _run_exporter(
+        wrapper,
+        (example,),
+        out_path,
+        input_names=[ENCODER_INPUT],
+        output_names=names,
+        dynamic_shapes={"pixels": {0: batch}},
+        opset=opset,
+    )
+    _name_dynamic_axes(out_path, {ENCODER_INPUT: 0, **dict.fromkeys(names, 0)}, "batch")
+    check_onnx(out_path)
+    return EncoderGraph(out_path, img_px, int(cls.shape[-1]), n_patch, opset)
+
+
+def export_mil_head(
+    head: nn.Module, out_path: Path, *, in_dim: int, opset: int = DEFAULT_OPSET
+) -> HeadGraph:
+    """Export a slide head ``bag [N, in_dim] -> (probabilities [C], attention [N])``.
+
+    Raises:
+        ExportError: the exporter failed, the head's outputs have other shapes, or the graph
+            does not pass ``onnx.checker``.
+    """
+    wrapper = MILHeadForExport(head.eval()).eval()
+    example = torch.randn(7, in_dim)
+    with torch.no_grad():
+        probabilities, attention = wrapper(example)
+    if probabilities.ndim != 1 or tuple(attention.shape) != (7,):
+        raise ExportError(
+            f"head for {out_path.name} returned probabilities {tuple(probabilities.shape)} and "
+            f"attention {tuple(attention.shape)} for a bag of 7; expected [C] and [7].",
+            reason="head_shape",
+        )
+    n_tiles = torch.export.Dim("n_tiles", min=1, max=1_000_000)
+    _run_exporter(
+        wrapper,
+        (example,),
+        out_path,
+        input_names=[HEAD_INPUT],
+        output_names=list(HEAD_OUTPUTS),
+        dynamic_shapes={"bag": {0: n_tiles}},
+        opset=opset,
+    )
+    _name_dynamic_axes(out_path, {HEAD_INPUT: 0, HEAD_OUTPUTS[1]: 0}, "n_tiles")
+    check_onnx(out_path)
+    return HeadGraph(out_path, in_dim, int(probabilities.shape[0]), opset)
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` with full shape inference on a written file.
+
+    Raises:
+        ExportError: the file is not a valid ONNX model.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(
+            f"{path} fails the ONNX checker ({_first_line(exc)}); the export is broken: report "
+            "the model and the torch version.",
+            reason="onnx_checker",
+            path=path,
+        ) from exc
+
+
+def _run_exporter(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    out_path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict[str, dict[int, object]],
+    opset: int,
+) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # The exporter prints progress lines to stdout; keep them out of the CLI's own output.
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            # torch.export warns about deprecated internals it uses itself; nothing for a user.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+            if program is None:  # pragma: no cover - dynamo=True always returns a program
+                raise ExportError("the ONNX exporter returned nothing.", reason="exporter")
+            program.save(str(out_path), external_data=False)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter raises many types; all mean "this module failed"
+        raise ExportError(
+            f"exporting {type(module).__name__} to {out_path} failed ({type(exc).__name__}: "
+            f"{_first_line(exc)}); the model uses an operation torch.export cannot trace.",
+            reason="exporter",
+            path=out_path,
+        ) from exc
+
+
+def _name_dynamic_axes(path: Path, axes: dict[str, int], name: str) -> None:
+    """Give dynamic axes a stable symbolic name (the exporter's are generated: s0, s77...)."""
+    model = onnx.load(str(path))
+    changed = False
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in axes:
+            dim = value.type.tensor_type.shape.dim[axes[value.name]]
+            if not dim.HasField("dim_value") and dim.dim_param != name:
+                dim.dim_param = name
+                changed = True
+    if changed:  # the exporter usually names them after the torch.export Dim already
+        onnx.save(model, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
