@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= models/default
 DATA_DIR ?= var
 
-.PHONY: install install-train bench-export model serve worker test test-fast lint format typecheck bench bench-tiling bench-engine bench-load compose-check clean
+.PHONY: install install-train demo-model bench-export model serve worker test test-fast lint format typecheck bench bench-tiling bench-engine bench-load compose-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ serve: model
 
 worker: model
 	$(BIN)/xmag worker --model $(MODEL_DIR)
+
+# The trained demonstration package (a small distilled student + a stain head, from the real test
+# slides, no network): see training/demo.py. Needs the [train] extra.
+demo-model: install-train
+	$(BIN)/python -m training demo --out runs/demo --package models/demo
 
 test: model
 	$(BIN)/python -m pytest -q

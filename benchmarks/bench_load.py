@@ -5,7 +5,7 @@ temporary data folder, submits ``--jobs`` jobs by reference from ``--concurrency
 once, and prints the submit latency (p50, p99, max), the submission rate, and whether every job
 reached a final state (with the time the workers took to drain the queue).
 
-    python benchmarks/bench_load.py --model models/default --jobs 300
+    python benchmarks/bench_load.py --model models/default --jobs 300 --workers 2
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+SLIDES = ROOT / "tests" / "data" / "slides"
 FINAL = {"succeeded", "failed", "canceled", "dead"}
 
 
@@ -44,13 +45,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     parser.add_argument(
-        "--slide", type=Path, default=ROOT / "tests/data/slides/OS-1-detail.ome.tif"
+        "--slide",
+        type=Path,
+        action="append",
+        help="small slides submitted in turn, all in one folder (default: two real slides that "
+        "succeed with the default model: OS-2-ndpi.ome.tif, 1 tile; CMU-1-Small-Region.svs, 3)",
     )
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     args = parser.parse_args()
+    slides = args.slide or [SLIDES / "OS-2-ndpi.ome.tif", SLIDES / "CMU-1-Small-Region.svs"]
+    if len({p.resolve().parent for p in slides}) != 1:
+        raise SystemExit("--slide: give slides from one folder (it becomes XMAG_SLIDE_ROOTS)")
 
     key = "bench_" + secrets.token_urlsafe(24)
     port = _free_port()
@@ -58,7 +66,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMAG_") and k != "REDIS_URL"}
     env.update(
         XMAG_API_KEYS=key,
-        XMAG_SLIDE_ROOTS=str(args.slide.resolve().parent),
+        XMAG_SLIDE_ROOTS=str(slides[0].resolve().parent),
         XMAG_LOG_LEVEL="WARNING",
         PYTHONPATH=str(ROOT),
     )
@@ -88,7 +96,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 r = http.post(
                     "/v1/jobs",
-                    json={"path": args.slide.name},
+                    json={"path": slides[i % len(slides)].name},
                     headers={"Idempotency-Key": f"bench-{i}"},
                 )
                 return time.perf_counter() - t0, r.json().get("id", ""), r.status_code
@@ -114,6 +122,8 @@ def main() -> int:
         counts: dict[str, int] = {}
         for state in states.values():
             counts[state] = counts.get(state, 0) + 1
+        names = ", ".join(p.name for p in slides)
+        print(f"slides                {names}")
         print(f"jobs submitted        {args.jobs} from {args.concurrency} threads at once")
         print(f"accepted (202)        {len(accepted)}")
         print(f"submit latency p50    {statistics.median(latencies):.1f} ms")

@@ -40,6 +40,7 @@ from service.queue import (
     make_broker,
     redis_client,
 )
+from service.reconcile import Reconciler
 from service.results import ARTIFACTS, ResultsStore
 from service.schemas import (
     BatchRequest,
@@ -94,6 +95,7 @@ class ServiceState:
             webhook_secret=lambda: self.store.webhook_secret(settings.webhook_secret),
         )
         self.webhook_worker: dramatiq.Worker | None = None
+        self.reconciler: Reconciler | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             RedisMetricsCollector(
@@ -115,8 +117,20 @@ class ServiceState:
                 worker_timeout=self.settings.worker_idle_timeout_ms,
             )
             self.webhook_worker.start()
+        if self.settings.reconcile_interval_s > 0:
+            self.reconciler = Reconciler(
+                self.store,
+                self.broker.client,
+                self.actors,
+                broker_namespace(self.settings),
+                interval_s=self.settings.reconcile_interval_s,
+                after_s=self.settings.reconcile_after_s,
+            )
+            self.reconciler.start()
 
     def stop(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.webhook_worker is not None:
             self.webhook_worker.stop(timeout=5_000)
         self.broker.close()
@@ -124,7 +138,7 @@ class ServiceState:
 
 
 def _state(request: Request) -> ServiceState:
-    return request.app.state.xmag  # type: ignore[no-any-return]
+    return request.app.state.xmag
 
 
 def _require(scope: Scope) -> Callable[..., Principal]:
@@ -161,7 +175,7 @@ def _job_view(record: dict[str, str], base: str) -> JobView:
     return JobView(
         id=job_id,
         state=JobState(record["state"]),
-        priority=record.get("priority", "normal"),  # type: ignore[arg-type]
+        priority=record.get("priority", "normal"),
         batch_id=record.get("batch_id") or None,
         slide_id=record.get("slide_id") or None,
         tasks=json.loads(record["tasks"]) if record.get("tasks") else None,
@@ -171,7 +185,7 @@ def _job_view(record: dict[str, str], base: str) -> JobView:
             tiles_total=int(record.get("tiles_total", 0)),
         ),
         attempts=int(record.get("attempts", 0)),
-        created_at=ms_to_datetime(record.get("created_ms")),  # type: ignore[arg-type]
+        created_at=ms_to_datetime(record.get("created_ms")),
         updated_at=ms_to_datetime(record.get("updated_ms")),
         started_at=ms_to_datetime(record.get("started_ms")),
         finished_at=ms_to_datetime(record.get("finished_ms")),
@@ -528,15 +542,23 @@ def _add_job_routes(app: FastAPI) -> None:
     @app.get(
         "/v1/jobs/{job_id}/result",
         tags=["jobs"],
-        summary="result.json of a succeeded job",
+        summary="result.json of a succeeded job (predictions limited to the job's tasks)",
         responses={**_ERRORS, 404: _PROBLEM, 409: _PROBLEM},
     )
-    def get_result(request: Request, job_id: str, _: Reader) -> FileResponse:
+    def get_result(request: Request, job_id: str, _: Reader) -> Response:
         state = _state(request)
+        record = _get_record(state, job_id)
         path = state.results.artifact(_succeeded_key(state, job_id), "result.json")
         if path is None:
             raise NotFoundError("The job's result is missing from the results store.")
-        return FileResponse(path, media_type="application/json")
+        tasks = json.loads(record["tasks"]) if record.get("tasks") else None
+        if not tasks:
+            return FileResponse(path, media_type="application/json")
+        # One encoder pass feeds every head, so the stored result (shared by every job on the
+        # same content) holds them all; the job reports the predictions it asked for.
+        result = json.loads(path.read_text(encoding="utf-8"))
+        result["predictions"] = [p for p in result["predictions"] if p["name"] in tasks]
+        return JSONResponse(result)
 
     @app.get(
         "/v1/jobs/{job_id}/artifacts/{name}",
@@ -665,9 +687,9 @@ def _batch_view(state: ServiceState, batch_id: str, base: str) -> BatchView:
     )
     return BatchView(
         id=batch_id,
-        created_at=ms_to_datetime(record["created_ms"]),  # type: ignore[arg-type]
+        created_at=ms_to_datetime(record["created_ms"]),
         size=int(record["size"]),
-        state=overall,  # type: ignore[arg-type]
+        state=overall,
         counts=counts,
         jobs=jobs,
     )

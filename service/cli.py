@@ -53,8 +53,12 @@ class _WorkerSupervisor(threading.Thread):
         self.failures = [0] * count
 
     def _spawn(self, slot: int) -> None:
+        from service.embedded_redis import die_with_parent
+
+        # The kernel stops a worker if `xmag serve` dies hard (the signal follows this thread,
+        # which lives as long as the supervisor does).
         self.processes[slot] = subprocess.Popen(
-            [sys.executable, "-m", "service", "worker"], env=self.env
+            [sys.executable, "-m", "service", "worker"], env=self.env, preexec_fn=die_with_parent
         )
 
     def run(self) -> None:
@@ -87,6 +91,10 @@ class _WorkerSupervisor(threading.Thread):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def serve(
@@ -133,6 +141,10 @@ def serve(
             env["XMAG_MODEL_DIR"] = str(settings.model_dir)
             supervisor = _WorkerSupervisor(workers, env)
             supervisor.start()
+        # uvicorn handles SIGTERM itself, then restores the previous handler and raises the
+        # signal again: with the default handler that kills this process before the `finally`
+        # below stops the workers and the embedded Redis. This handler turns it into SystemExit.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(
             create_app(settings, url), host=host, port=port, log_config=None, access_log=False
         )

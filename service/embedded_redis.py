@@ -22,7 +22,7 @@ import redis
 
 from service.errors import ServiceUnavailableError
 
-__all__ = ["EmbeddedRedis", "redis_server_binary"]
+__all__ = ["EmbeddedRedis", "die_with_parent", "redis_server_binary"]
 
 #: Seconds to wait for the server to answer PING after starting it.
 START_TIMEOUT_S = 20.0
@@ -51,9 +51,12 @@ def redis_server_binary() -> Path:
     return path
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG = 1: the server gets SIGTERM if `xmag serve` is killed, so no orphan
-    # keeps the AOF open and a restart can start a fresh server on the same folder.
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask the kernel for SIGTERM when the parent dies (a ``preexec_fn`` for child processes).
+
+    PR_SET_PDEATHSIG = 1: the embedded Redis and the workers of `xmag serve` stop if it is killed,
+    so no orphan keeps the AOF open or holds a job while its Redis is gone.
+    """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
@@ -133,7 +136,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if self.die_with_parent else None,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 
 The engine writes into ``<store>/.staging/<job>.<attempt>/``; on success the folder is renamed to
 ``<store>/<key[:2]>/<key>/`` where the key is the sha256 of what determines the result (slide
-sha256, model checksums, tiling parameters and options, as recorded in result.json). The rename is
+sha256, model, tiling parameters, options, code and schema versions, as recorded in result.json:
+the same identity the engine's own cache key is built from). The rename is
 atomic, so a reader never sees half a result, and a second worker finishing the same content keeps
 the first folder (same bytes) and drops its own.
 """
@@ -27,32 +28,22 @@ ARTIFACTS: dict[str, str] = {
     "tiles.geojson": "application/geo+json",
 }
 
-# result.json fields that say *what* was computed (not when, where or how fast).
-_IDENTITY_FIELDS = (
-    "slide",
-    "model",
-    "params",
-    "tiling",
-    "options",
-    "code_version",
-    "schema_version",
-)
-_VOLATILE = {"path", "timings", "created_at", "provider", "duration_s", "cache_hit"}
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
+# What determines a result (``xmag.results.SlideResult``): the slide's bytes, the model (name,
+# version, variant, checksums of every file), the tiling parameters, the per-slide options, the
+# code and schema versions. Everything else in result.json (where the slide was read, when, how
+# fast, on which provider, whether the engine's own cache answered) varies between identical runs.
+_IDENTITY_FIELDS = ("model", "params", "options", "code_version", "schema_version")
 
 
 def content_key(result: dict[str, Any]) -> str:
-    """sha256 over the identity fields of a result.json (slide bytes, model, parameters)."""
-    identity = {k: _strip(result[k]) for k in _IDENTITY_FIELDS if k in result}
-    if not identity:
-        identity = _strip(result)
+    """sha256 over what determines a result.json: slide sha256, model, parameters, versions.
+
+    Raises:
+        KeyError: ``result`` lacks the slide's sha256 or one of the identity fields (it is not
+            a result.json written by the engine).
+    """
+    identity = {k: result[k] for k in _IDENTITY_FIELDS}
+    identity["slide_sha256"] = result["slide"]["sha256"]
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -56,7 +56,14 @@ class JobRequest(BaseModel):
         description="A path (or file:// URI) under XMAG_SLIDE_ROOTS; a folder for a DICOM set.",
     )
     tasks: list[str] | None = Field(
-        default=None, max_length=32, description="Task heads to run (default: every head)."
+        default=None,
+        max_length=32,
+        description=(
+            "Task heads whose predictions the result reports (default: every head). Names come "
+            "from GET /v1/models (card.heads[].name); an unknown name is refused (UNKNOWN_TASK). "
+            "One encoder pass feeds every head, so features.h5 and tiles.geojson carry the "
+            "per-tile scores of every tile head."
+        ),
     )
     priority: Priority = "normal"
     callback_url: AnyHttpUrl | None = Field(

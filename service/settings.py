@@ -33,6 +33,10 @@ DEFAULT_LEASE_MS = 60_000
 DEFAULT_WORKER_HEARTBEAT_S = 5.0
 #: A worker whose heartbeat is older than this is not counted by /readyz (s).
 DEFAULT_WORKER_STALE_S = 30.0
+#: How often the API looks for queued jobs whose message was lost (s); 0 turns it off.
+DEFAULT_RECONCILE_INTERVAL_S = 30.0
+#: A queued job untouched this long with no message is sent again (s).
+DEFAULT_RECONCILE_AFTER_S = 60.0
 
 
 def _split_csv(value: object) -> object:
@@ -84,6 +88,8 @@ class ServiceSettings(BaseSettings):
     worker_stale_s: float = Field(default=DEFAULT_WORKER_STALE_S, gt=0)
     worker_shutdown_grace_s: float = Field(default=600.0, ge=0)
     worker_heartbeat_file: Path | None = None
+    reconcile_interval_s: float = Field(default=DEFAULT_RECONCILE_INTERVAL_S, ge=0)
+    reconcile_after_s: float = Field(default=DEFAULT_RECONCILE_AFTER_S, gt=0)
 
     namespace: str = "xmag"
     log_level: str = "INFO"

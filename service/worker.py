@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Middleware, SkipMessage
+from dramatiq.middleware import Middleware, Retries, SkipMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from service.errors import AttemptsExhaustedError, JobTimeLimitError
+from service.errors import AttemptsExhaustedError, JobTimeLimitError, UnknownTaskError
 from service.logs import configure_logging, get_logger
 from service.metrics import record_job
 from service.queue import (
@@ -71,6 +71,7 @@ class JobContext:
         slide_path: the file (or DICOM folder) the engine opens.
         staging_dir: where the engine writes; published to the results store on success.
         options: the job's slide options (JSON dict for ``SlideOptions``).
+        tasks: the task heads the job asked for (empty: every head); checked before the run.
     """
 
     job_id: str
@@ -79,6 +80,7 @@ class JobContext:
     staging_dir: Path
     options: dict[str, Any]
     lifecycle: JobLifecycle
+    tasks: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     result: Any = None
     cancel_requested: bool = False
@@ -110,9 +112,23 @@ class JobContext:
         return self.cancel_requested
 
     def run(self) -> None:
-        """Run the engine on the slide (blocking, on the worker thread)."""
+        """Run the engine on the slide (blocking, on the worker thread).
+
+        Raises:
+            UnknownTaskError: the job asks for a task head this worker's model does not have
+                (the API checks at submission only once a worker has published its card).
+            XmagError: from the engine (typed input errors, cancellation, inference faults).
+        """
         from xmag.engine import SlideOptions
 
+        heads = {head.name for head in self.lifecycle.engine.package.card.heads}
+        unknown = sorted(set(self.tasks) - heads)
+        if unknown:
+            raise UnknownTaskError(
+                f"Unknown task(s) {unknown}; this worker's model offers {sorted(heads)}. "
+                "Resubmit with tasks from GET /v1/models.",
+                tasks=unknown,
+            )
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self.result = self.lifecycle.engine.embed_slide(
             self.slide_path,
@@ -171,6 +187,7 @@ class JobLifecycle(Middleware):
                 staging_dir=self.results.staging_dir(job_id, attempt),
                 options=json.loads(record.get("options") or "{}"),
                 lifecycle=self,
+                tasks=json.loads(record.get("tasks") or "[]"),
             )
             self.current_job_id = job_id
             _log.info("job started", extra={**log, "attempt": attempt})
@@ -215,7 +232,7 @@ class JobLifecycle(Middleware):
         if isinstance(exc, JobCanceledError):
             state, error = JobState.CANCELED, exc.to_dict()
         elif isinstance(exc, TimeLimitExceeded):
-            message.options["max_retries"] = 0  # the same slide would run past the limit again
+            # The same slide would run past the limit again: final (no retry, see below).
             limit = self.settings.job_time_limit_s
             state = JobState.FAILED
             error = JobTimeLimitError(
@@ -224,7 +241,6 @@ class JobLifecycle(Middleware):
         elif isinstance(exc, XmagError) and not exc.transient:
             state, error = JobState.FAILED, exc.to_dict()
         elif ctx.attempt >= self.settings.max_attempts:
-            message.options["max_retries"] = 0
             cause = exc.code if isinstance(exc, XmagError) else type(exc).__name__
             state = JobState.DEAD
             error = AttemptsExhaustedError(
@@ -239,6 +255,9 @@ class JobLifecycle(Middleware):
                 if isinstance(exc, XmagError)
                 else {"code": "INFERENCE_FAILED", "message": f"{type(exc).__name__} (retrying)"}
             )
+        if state != JobState.QUEUED:
+            # Final: Dramatiq's Retries (which runs after this middleware) must not redeliver it.
+            message.options["max_retries"] = 0
         changed = self.store.finish(ctx.job_id, self.worker_id, state, error=error)
         _log.info(
             "job " + state.value, extra={**log, "code": error.get("code"), "recorded": changed}
@@ -317,17 +336,24 @@ class _Heartbeat(threading.Thread):
 
 
 def load_engine(settings: ServiceSettings) -> Any:
-    """``Engine.from_dir`` on the configured model package (once per worker process)."""
-    from xmag.engine import Engine
+    """``Engine.from_dir`` on the configured model package (once per worker process).
 
-    return Engine.from_dir(settings.model_dir)
+    The engine reads its own settings from the ``XMAG_*`` variables of ``xmag.settings``
+    (``XMAG_PROVIDERS``, ``XMAG_INTRA_OP_THREADS``, ``XMAG_BATCH_SIZE``, ``XMAG_READER_WORKERS``,
+    ``XMAG_QUEUE_DEPTH``, ``XMAG_TRT_FP16``, ``XMAG_TRT_CACHE_DIR``, ``XMAG_CUDA_DEVICE_ID``,
+    ``XMAG_VARIANT``, ``XMAG_CACHE_DIR``); none of them clashes with a service setting.
+    """
+    from xmag.engine import Engine
+    from xmag.settings import EngineSettings
+
+    return Engine.from_dir(settings.model_dir, EngineSettings())
 
 
 def model_card(engine: Any) -> tuple[str, dict[str, Any]]:
     """The loaded package's name@version and card (published for GET /v1/models)."""
     package = getattr(engine, "package", None)
     card = getattr(package, "card", None)
-    data = card.model_dump(mode="json") if hasattr(card, "model_dump") else {}
+    data: dict[str, Any] = card.model_dump(mode="json") if card is not None else {}
     name = f"{data.get('name', 'model')}@{data.get('version', '0')}"
     return name, data
 
@@ -344,10 +370,17 @@ def run_worker(
     store = JobStore(redis_client(redis_url), settings.namespace)
     results = ResultsStore(settings.results_store)
     lifecycle = JobLifecycle(store, actors, engine, settings, worker_id, results)
-    broker.add_middleware(lifecycle)
+    # Before Retries: its after_process_message must see the max_retries this one sets for a final
+    # outcome (Dramatiq runs after-hooks in middleware order).
+    broker.add_middleware(lifecycle, before=Retries)
     set_context_getter(lifecycle.current)
 
     name, card = model_card(engine)
+    if card.get("trained") is False:
+        _log.warning(
+            "the model package is untrained: its embeddings and predictions carry no meaning",
+            extra={"model": name, "model_dir": str(settings.model_dir)},
+        )
     store.publish_model(name, card)
     info: dict[str, str | int] = {
         "pid": os.getpid(),

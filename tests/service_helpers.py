@@ -43,6 +43,11 @@ FAST_ENV = {
     "XMAG_WORKER_SHUTDOWN_GRACE_S": "5",
     "XMAG_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
     "XMAG_LOG_LEVEL": "WARNING",
+    "XMAG_RECONCILE_INTERVAL_S": "0.5",
+    "XMAG_RECONCILE_AFTER_S": "1",
+    # Engine settings (xmag.settings): two cores are shared by the API, the workers and the tests.
+    "XMAG_INTRA_OP_THREADS": "1",
+    "XMAG_READER_WORKERS": "2",
 }
 
 
@@ -89,6 +94,13 @@ class Proc:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its state (a job stays claimed) but runs no code."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
 
     def kill9(self) -> None:
         if self.alive():
@@ -146,16 +158,20 @@ def wait_ready(http: httpx.Client, timeout_s: float = 90) -> None:
 
 
 def wait_job(
-    http: httpx.Client, job_id: str, states: set[str] = FINAL, timeout_s: float = 120
+    http: httpx.Client,
+    job_id: str,
+    states: set[str] = FINAL,
+    timeout_s: float = 120,
+    poll_s: float = 0.1,
 ) -> dict[str, Any]:
-    """Poll a job until it reaches one of ``states``."""
+    """Poll a job until it reaches one of ``states`` (fails after ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     job: dict[str, Any] = {}
     while time.monotonic() < deadline:
         job = http.get(f"/v1/jobs/{job_id}").json()
         if job["state"] in states:
             return job
-        time.sleep(0.1)
+        time.sleep(poll_s)
     raise AssertionError(f"job {job_id} stuck in {job.get('state')}: {job}")
 
 

@@ -162,6 +162,13 @@ def test_malformed_json_and_schema_violations_are_422_invalid_request(http: http
     _problem(http.post("/v1/jobs", json={"path": SVS.name, "extra": 1}), 422, "INVALID_REQUEST")
 
 
+def test_a_callback_url_that_is_not_http_or_https_is_refused(http: httpx.Client) -> None:
+    body = {"path": SVS.name, "callback_url": "file:///etc/passwd"}
+    _problem(http.post("/v1/jobs", json=body), 422, "INVALID_REQUEST")
+    batch = {"jobs": [{"path": SVS.name}], "callback_url": "ftp://lis.example.org/x"}
+    _problem(http.post("/v1/batches", json=batch), 422, "INVALID_REQUEST")
+
+
 @pytest.mark.parametrize(
     ("reference", "code"),
     [

