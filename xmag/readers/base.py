@@ -75,6 +75,8 @@ class SlideReader(ABC):
         self.path = path
         self._closed = False
         self._lock = threading.Lock()
+        self._levels: tuple[LevelInfo, ...] = ()
+        self._properties: dict[str, str] = {}
 
     # -- identity ---------------------------------------------------------------------------
     @classmethod
@@ -93,14 +95,14 @@ class SlideReader(ABC):
         """Container format: "svs", "ndpi", "ome-tiff", "tiff", "dicom", "mrxs"..."""
 
     @property
-    @abstractmethod
     def levels(self) -> tuple[LevelInfo, ...]:
-        """Pyramid levels, level 0 (largest) first."""
+        """Pyramid levels, level 0 (largest) first (adapters set ``_levels`` when they open)."""
+        return self._levels
 
     @property
-    @abstractmethod
     def properties(self) -> Mapping[str, str]:
-        """Raw metadata key/values, for provenance and debugging."""
+        """Raw metadata key/values, for provenance and debugging (adapters set ``_properties``)."""
+        return self._properties
 
     @abstractmethod
     def metadata_mpp(self) -> MetadataMpp | None:

@@ -8,7 +8,6 @@ blue (or three unnamed), they are composed into RGB, otherwise the first path is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -108,14 +107,6 @@ class DicomReader(SlideReader):
     @property
     def format(self) -> str:
         return "dicom"
-
-    @property
-    def levels(self) -> tuple[LevelInfo, ...]:
-        return self._levels
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._properties
 
     def metadata_mpp(self) -> MetadataMpp | None:
         mpp = self._wsi_levels[0].mpp  # wsidicom gives um per pixel (from PixelSpacing in mm)

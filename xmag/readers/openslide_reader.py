@@ -8,7 +8,6 @@ slide fails as a whole, the process does not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -120,14 +119,6 @@ class OpenSlideReader(SlideReader):
         if self._vendor == "hamamatsu" and self.path.suffix.lower() != ".ndpi":
             return "vms"
         return _FORMAT_BY_VENDOR[self._vendor or ""]
-
-    @property
-    def levels(self) -> tuple[LevelInfo, ...]:
-        return self._levels
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._properties
 
     def metadata_mpp(self) -> MetadataMpp | None:
         props = self._properties

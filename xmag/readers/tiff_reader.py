@@ -8,7 +8,6 @@ reader's lock.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -124,14 +123,6 @@ class TiffReader(SlideReader):
         if self._is_ome:
             return "ome-tiff"
         return "svs" if self.vendor == "aperio" else "tiff"
-
-    @property
-    def levels(self) -> tuple[LevelInfo, ...]:
-        return self._levels
-
-    @property
-    def properties(self) -> Mapping[str, str]:
-        return self._properties
 
     def metadata_mpp(self) -> MetadataMpp | None:
         if self._ome is not None and self._ome.mpp is not None:
