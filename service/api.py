@@ -8,7 +8,7 @@ stream ``request.stream()`` to disk. Every error leaves as problem+json (``servi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -247,13 +247,24 @@ def _get_record(state: ServiceState, job_id: str) -> dict[str, str]:
     return record
 
 
-def _check_idempotency(prior_json: str, body_hash: str, kind: str) -> str:
-    prior = json.loads(prior_json)
+def _replayed_id(
+    response: Response, prior: Mapping[str, Any] | None, body_hash: str, kind: str
+) -> str:
+    """The id an already used Idempotency-Key stands for; marks the response as a replay.
+
+    Args:
+        prior: the key's record ``{hash, kind, id}`` (None when it expired meanwhile).
+
+    Raises:
+        IdempotencyConflictError: when the key was used with another body or another kind.
+    """
+    prior = prior or {}
     if prior.get("hash") != body_hash or prior.get("kind") != kind:
         raise IdempotencyConflictError(
             "This Idempotency-Key was used with a different request; use a new key for a new "
             "request, or resend the original body."
         )
+    response.headers["Idempotent-Replayed"] = "true"
     return str(prior["id"])
 
 
@@ -483,8 +494,7 @@ def _add_job_routes(app: FastAPI) -> None:
         if created:
             state.actors.slides[body.priority].send(job_id)
         else:
-            job_id = _check_idempotency(value, body_hash, "job")
-            response.headers["Idempotent-Replayed"] = "true"
+            job_id = _replayed_id(response, json.loads(value), body_hash, "job")
         response.headers["Location"] = f"{base}/v1/jobs/{job_id}"
         return _job_view(_get_record(state, job_id), base)
 
@@ -645,9 +655,8 @@ def _add_batch_routes(app: FastAPI) -> None:
         if idempotency_key:
             idem = state.store.idem_key(principal.key_id, idempotency_key)
             if not state.store.remember_idempotency(idem, body_hash, "batch", batch_id):
-                prior = state.store.idempotency_record(idem) or {}
-                batch_id = _check_idempotency(json.dumps(prior), body_hash, "batch")
-                response.headers["Idempotent-Replayed"] = "true"
+                prior = state.store.idempotency_record(idem)
+                batch_id = _replayed_id(response, prior, body_hash, "batch")
                 response.headers["Location"] = f"{base}/v1/batches/{batch_id}"
                 return _batch_view(state, batch_id, base)
         for job_id, _priority, fields in prepared:

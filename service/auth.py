@@ -85,14 +85,15 @@ class ApiKeyStore:
     def add(self, key: str, scopes: frozenset[Scope], *, source: str) -> str:
         """Store a key's hash (idempotent). Returns its public id."""
         digest = hash_key(key)
+        public_id = digest[:12]
         record = {
-            "id": digest[:12],
+            "id": public_id,
             "scopes": sorted(s.value for s in scopes),
             "created_ms": int(time.time() * 1000),
             "source": source,
         }
         self.r.hset(self.key, digest, json.dumps(record))
-        return record["id"]
+        return public_id
 
     def sync_configured(self, entries: list[str]) -> None:
         """Make the configured keys (XMAG_API_KEYS) the only ``env`` keys; generated ones stay."""

@@ -28,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from service.store import JobState
+from service.store import JobState, decode_hash
 
 __all__ = ["JOB_BUCKETS_S", "STAGE_BUCKETS_S", "RedisMetricsCollector", "record_job"]
 
@@ -73,12 +73,12 @@ def record_job(
 
 
 def _histogram(
-    name: str,
-    doc: str,
-    fields: Mapping[str, str],
-    bounds: tuple[float, ...],
-    labels: dict[str, str],
+    fields: Mapping[str, str], bounds: tuple[float, ...]
 ) -> tuple[list[tuple[str, float]], float]:
+    """Prometheus buckets ``(upper bound, cumulative count)`` and the sum of one histogram hash.
+
+    ``fields`` holds ``le:<bound>`` counts, ``count`` and ``sum`` (see ``_observe``).
+    """
     buckets = [(str(b), float(fields.get(f"le:{b}", 0))) for b in bounds]
     buckets.append(("+Inf", float(fields.get("count", 0))))
     return buckets, float(fields.get("sum", 0.0))
@@ -121,18 +121,18 @@ class RedisMetricsCollector(Collector):
         finished = CounterMetricFamily(
             "xmag_jobs_finished", "Jobs that reached a final state.", labels=["state"]
         )
-        counts = self.r.hgetall(f"{self.ns}:metrics:jobs_finished")
+        counts = decode_hash(self.r.hgetall(f"{self.ns}:metrics:jobs_finished"))
         for state in (s.value for s in JobState if s not in (JobState.QUEUED, JobState.RUNNING)):
             finished.add_metric([state], float(counts.get(state, 0)))
         yield finished
 
-        job_fields = self.r.hgetall(f"{self.ns}:metrics:job_seconds")
-        buckets, total = _histogram("", "", job_fields, JOB_BUCKETS_S, {})
+        job_fields = decode_hash(self.r.hgetall(f"{self.ns}:metrics:job_seconds"))
+        buckets, total = _histogram(job_fields, JOB_BUCKETS_S)
         hist = HistogramMetricFamily("xmag_job_duration_seconds", "Wall time of finished jobs.")
         hist.add_metric([], buckets, total)
         yield hist
 
-        stage_fields = self.r.hgetall(f"{self.ns}:metrics:stage_seconds")
+        stage_fields = decode_hash(self.r.hgetall(f"{self.ns}:metrics:stage_seconds"))
         stages = sorted({k.split("|", 1)[0] for k in stage_fields})
         stage_hist = HistogramMetricFamily(
             "xmag_stage_duration_seconds",
@@ -143,11 +143,11 @@ class RedisMetricsCollector(Collector):
             fields = {
                 k.split("|", 1)[1]: v for k, v in stage_fields.items() if k.startswith(stage + "|")
             }
-            buckets, total = _histogram("", "", fields, STAGE_BUCKETS_S, {})
+            buckets, total = _histogram(fields, STAGE_BUCKETS_S)
             stage_hist.add_metric([stage], buckets, total)
         yield stage_hist
 
-        tiles = self.r.hgetall(f"{self.ns}:metrics:tiles")
+        tiles = decode_hash(self.r.hgetall(f"{self.ns}:metrics:tiles"))
         n_tiles, seconds = float(tiles.get("tiles", 0)), float(tiles.get("seconds", 0.0))
         yield CounterMetricFamily("xmag_tiles", "Tiles embedded by all workers.", value=n_tiles)
         yield CounterMetricFamily(

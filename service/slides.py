@@ -17,7 +17,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -200,6 +200,19 @@ async def receive_raw(
         raise
 
 
+@dataclass
+class _PartState:
+    """What the multipart callbacks have seen so far: the current part's headers, whether its data
+    goes to the file, and the first ``file`` part's client filename (only its extension is kept)."""
+
+    header: bytes = b""
+    value: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    in_file: bool = False
+    found_file: bool = False
+    filename: str | None = None
+
+
 async def receive_multipart(
     chunks: AsyncIterator[bytes],
     content_type: str,
@@ -220,39 +233,33 @@ async def receive_multipart(
     if ctype != b"multipart/form-data" or not boundary:
         raise InvalidRequestError("POST /v1/slides needs multipart/form-data with a `file` part.")
     incoming = IncomingFile(store, max_bytes)
-    state: dict[str, object] = {"header": b"", "value": b"", "headers": {}, "in_file": False}
-    found: dict[str, object] = {"file": False, "filename": None}
+    part = _PartState()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["header"] = bytes(state["header"]) + data[start:end]  # type: ignore[arg-type]
+        part.header += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] = bytes(state["value"]) + data[start:end]  # type: ignore[arg-type]
+        part.value += data[start:end]
 
     def on_header_end() -> None:
-        headers = state["headers"]
-        assert isinstance(headers, dict)
-        headers[bytes(state["header"]).lower()] = bytes(state["value"])  # type: ignore[arg-type]
-        state["header"], state["value"] = b"", b""
+        part.headers[part.header.lower()] = part.value
+        part.header, part.value = b"", b""
 
     def on_headers_finished() -> None:
-        headers = state["headers"]
-        assert isinstance(headers, dict)
-        _, disp = parse_options_header(headers.get(b"content-disposition", b""))
-        is_file = disp.get(b"name") == b"file" and not found["file"]
-        state["in_file"] = is_file
-        if is_file:
-            found["file"] = True
+        _, disp = parse_options_header(part.headers.get(b"content-disposition", b""))
+        part.in_file = disp.get(b"name") == b"file" and not part.found_file
+        if part.in_file:
+            part.found_file = True
             name = disp.get(b"filename")
-            found["filename"] = name.decode(errors="replace") if name else None
-        state["headers"] = {}
+            part.filename = name.decode(errors="replace") if name else None
+        part.headers = {}
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        if state["in_file"]:
+        if part.in_file:
             incoming.write(data[start:end])
 
     def on_part_end() -> None:
-        state["in_file"] = False
+        part.in_file = False
 
     parser = MultipartParser(
         boundary,
@@ -270,14 +277,11 @@ async def receive_multipart(
             if chunk:
                 parser.write(chunk)
         parser.finalize()
-        if not found["file"]:
+        if not part.found_file:
             raise InvalidRequestError(
                 "The multipart body has no `file` part; name the part `file`."
             )
-        filename = found["filename"]
-        return incoming.commit(
-            expected, safe_extension(filename if isinstance(filename, str) else None)
-        )
+        return incoming.commit(expected, safe_extension(part.filename))
     except UploadTooLargeError:
         incoming.discard()
         raise

@@ -39,18 +39,20 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 __all__ = [
     "FINAL_STATES",
     "Claim",
     "JobState",
     "JobStore",
+    "decode_hash",
     "new_id",
     "request_hash",
 ]
@@ -235,6 +237,11 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def decode_hash(record: Mapping[Any, Any]) -> dict[str, str]:
+    """A Redis hash as ``str -> str`` (redis-py types replies as ``bytes | str`` unions)."""
+    return {_s(k): _s(v) for k, v in record.items()}
+
+
 class JobStore:
     """Typed access to the job records; every mutation is atomic.
 
@@ -360,7 +367,7 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, str] | None:
         record = self.r.hgetall(self.job_key(job_id))
-        return {_s(k): _s(v) for k, v in record.items()} if record else None
+        return decode_hash(record) if record else None
 
     def get_many(self, job_ids: Iterable[str]) -> list[dict[str, str]]:
         ids = list(job_ids)
@@ -368,7 +375,7 @@ class JobStore:
             for job_id in ids:
                 pipe.hgetall(self.job_key(job_id))
             records = pipe.execute()
-        return [{_s(k): _s(v) for k, v in rec.items()} for rec in records if rec]
+        return [decode_hash(rec) for rec in records if rec]
 
     def list_ids(
         self, *, state: str | None = None, batch_id: str | None = None, limit: int, offset: int
@@ -394,7 +401,7 @@ class JobStore:
         if not record:
             return None
         ids = [_s(i) for i in self.r.lrange(f"{self.batch_key(batch_id)}:jobs", 0, -1)]
-        return {_s(k): _s(v) for k, v in record.items()}, ids
+        return decode_hash(record), ids
 
     def counts_by_state(self) -> dict[str, int]:
         with self.r.pipeline(transaction=False) as pipe:
@@ -417,15 +424,18 @@ class JobStore:
 
     def get_slide(self, sha256: str) -> dict[str, str] | None:
         record = self.r.hgetall(f"{self.ns}:slide:{sha256}")
-        return {_s(k): _s(v) for k, v in record.items()} if record else None
+        return decode_hash(record) if record else None
 
     # workers and models
-    def heartbeat(self, worker_id: str, info: dict[str, str | int]) -> None:
+    def heartbeat(self, worker_id: str, info: Mapping[str, str | int]) -> None:
         now = int(time.time() * 1000)
         key = f"{self.ns}:worker:{worker_id}"
         with self.r.pipeline(transaction=True) as pipe:
             pipe.zadd(f"{self.ns}:workers", {worker_id: now})
-            pipe.hset(key, mapping={**info, "heartbeat_ms": now})
+            # redis-py keys hash fields by a union, and dict keys are invariant: widen explicitly.
+            fields: dict[FieldT, EncodableT] = dict(info.items())
+            fields["heartbeat_ms"] = now
+            pipe.hset(key, mapping=fields)
             pipe.expire(key, WORKER_RECORD_TTL_S)
             pipe.execute()
 
@@ -444,9 +454,7 @@ class JobStore:
                 pipe.hgetall(f"{self.ns}:worker:{worker_id}")
             records = pipe.execute()
         return [
-            {_s(k): _s(v) for k, v in rec.items()} | {"id": wid}
-            for wid, rec in zip(ids, records, strict=True)
-            if rec
+            decode_hash(rec) | {"id": wid} for wid, rec in zip(ids, records, strict=True) if rec
         ]
 
     def publish_model(self, name: str, card: dict[str, Any]) -> None:

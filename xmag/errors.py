@@ -23,6 +23,7 @@ statuses in one table (``service.problems``), and tests assert them. Never chang
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -113,6 +114,32 @@ class RegionReadError(SlideError):
     """A region (tile) inside an otherwise readable slide could not be decoded."""
 
     code = "REGION_READ_FAILED"
+
+    @classmethod
+    def for_region(
+        cls,
+        path: str | Path,
+        level: int,
+        level0_xy: Sequence[int],
+        size: Sequence[int],
+        detail: str,
+    ) -> RegionReadError:
+        """The error for one failed read: message ``"<path>: <detail>"``, fields that locate it.
+
+        Args:
+            path: the slide file.
+            level: the pyramid level read.
+            level0_xy: the region's top-left corner in the level-0 frame (px).
+            size: ``(width, height)`` of the region at ``level`` (px).
+            detail: what failed, with the value and the fix.
+        """
+        return cls(
+            f"{path}: {detail}",
+            path=path,
+            level=level,
+            level0_xy=list(level0_xy),
+            size=list(size),
+        )
 
 
 class UnknownMppError(SlideError):

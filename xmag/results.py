@@ -13,11 +13,14 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from xmag.params import TilingParams
+
+if TYPE_CHECKING:  # xmag.plan pulls in the whole pipeline; results only needs its type
+    from xmag.plan import SlidePlan
 
 __all__ = [
     "RESULT_SCHEMA_VERSION",
@@ -268,7 +271,7 @@ def levels_out(levels: Any) -> list[LevelOut]:
     ]
 
 
-def describe_plan(plan: Any) -> dict[str, Any]:
+def describe_plan(plan: SlidePlan) -> dict[str, Any]:
     """The ``mpp``, ``level``, ``tissue``, ``qc`` and ``tiles`` fields from a ``SlidePlan``."""
     m, c, g = plan.mpp, plan.level, plan.grid
     qc = plan.qc.to_dict()
@@ -277,7 +280,7 @@ def describe_plan(plan: Any) -> dict[str, Any]:
             mpp_x=float(m.mpp_x),
             mpp_y=float(m.mpp_y),
             mpp=float(m.mpp),
-            source=str(m.source),  # type: ignore[arg-type]  # MppSource values
+            source=str(m.source),
             detail=m.detail,
             warnings=list(m.warnings),
         ),

@@ -95,23 +95,23 @@ def _read(
     except (XmagError, XmagUsageError):
         raise
     except Exception as exc:  # an adapter failed in a way it did not translate: still typed
-        raise RegionReadError(
-            f"{reader.path}: reading level {level.level} region at level-0 {level0_xy} of size "
-            f"{size} failed ({type(exc).__name__}: {exc}); the slide may be damaged there.",
-            path=reader.path,
-            level=level.level,
-            level0_xy=list(level0_xy),
-            size=list(size),
+        raise RegionReadError.for_region(
+            reader.path,
+            level.level,
+            level0_xy,
+            size,
+            f"reading level {level.level} region at level-0 {level0_xy} of size {size} failed "
+            f"({type(exc).__name__}: {exc}); the slide may be damaged there.",
         ) from exc
     expected = (size[1], size[0], 3)
     if pixels.shape != expected or pixels.dtype != np.uint8:
-        raise RegionReadError(
-            f"{reader.path}: the reader returned {pixels.shape} {pixels.dtype} for a level "
-            f"{level.level} region at level-0 {level0_xy}, expected {expected} uint8.",
-            path=reader.path,
-            level=level.level,
-            level0_xy=list(level0_xy),
-            size=list(size),
+        raise RegionReadError.for_region(
+            reader.path,
+            level.level,
+            level0_xy,
+            size,
+            f"the reader returned {pixels.shape} {pixels.dtype} for a level {level.level} region "
+            f"at level-0 {level0_xy}, expected {expected} uint8.",
         )
     return pixels
 

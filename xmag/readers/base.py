@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from xmag.errors import XmagUsageError
+from xmag.errors import RegionReadError, XmagUsageError
 
 __all__ = [
     "THUMBNAIL_BLOCK_PX",
@@ -139,6 +139,24 @@ class SlideReader(ABC):
         if size[0] <= 0 or size[1] <= 0:
             raise XmagUsageError(f"region size must be positive, got {size}")
         return self._read_region(level0_xy, level, size)
+
+    def _undecodable(
+        self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], cause: str, fix: str
+    ) -> RegionReadError:
+        """The error an adapter raises when its library cannot decode a region.
+
+        Args:
+            cause: the library's error, as text.
+            fix: what the user can do (rescan, re-export...).
+        """
+        return RegionReadError.for_region(
+            self.path,
+            level,
+            level0_xy,
+            size,
+            f"cannot decode level {level} region at level-0 {level0_xy} of size {size} ({cause}); "
+            f"{fix}",
+        )
 
     def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
         """An RGB image of the whole slide whose longer side is at most ``max_px``.

@@ -16,7 +16,7 @@ import pydicom.errors
 import wsidicom
 import wsidicom.errors as wd_errors
 
-from xmag.errors import CorruptSlideError, RegionReadError, UnsupportedFormatError
+from xmag.errors import CorruptSlideError, UnsupportedFormatError
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
@@ -138,14 +138,12 @@ class DicomReader(SlideReader):
                     for p in self._paths
                 ]
         except _DICOM_ERRORS as exc:
-            raise RegionReadError(
-                f"{self.path}: cannot decode level {level} region at level-0 {level0_xy} of size "
-                f"{size} ({type(exc).__name__}: {exc}); the instance is damaged there: export "
-                "the set again.",
-                path=self.path,
-                level=level,
-                level0_xy=list(level0_xy),
-                size=list(size),
+            raise self._undecodable(
+                level0_xy,
+                level,
+                size,
+                f"{type(exc).__name__}: {exc}",
+                "the instance is damaged there: export the set again.",
             ) from exc
         out[y0 - y : y1 - y, x0 - x : x1 - x] = _compose(planes)
         return out

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import openslide
 
-from xmag.errors import CorruptSlideError, RegionReadError, UnsupportedFormatError
+from xmag.errors import CorruptSlideError, UnsupportedFormatError
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
@@ -145,13 +145,12 @@ class OpenSlideReader(SlideReader):
         try:
             image = self._slide.read_region(level0_xy, level, size)
         except openslide.OpenSlideError as exc:
-            raise RegionReadError(
-                f"{self.path}: cannot decode level {level} region at level-0 {level0_xy} of size "
-                f"{size} ({exc}); the slide is damaged there: rescan or re-export it.",
-                path=self.path,
-                level=level,
-                level0_xy=list(level0_xy),
-                size=list(size),
+            raise self._undecodable(
+                level0_xy,
+                level,
+                size,
+                str(exc),
+                "the slide is damaged there: rescan or re-export it.",
             ) from exc
         return rgba_to_rgb_on_white(np.asarray(image))
 

@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 import tiffslide
 
-from xmag.errors import CorruptSlideError, RegionReadError, UnsupportedFormatError
+from xmag.errors import CorruptSlideError, UnsupportedFormatError
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
@@ -152,13 +152,12 @@ class TiffReader(SlideReader):
             with self._lock:
                 arr = self._slide.read_region(level0_xy, level, size, as_array=True)
         except _TIFF_ERRORS as exc:
-            raise RegionReadError(
-                f"{self.path}: cannot decode level {level} region at level-0 {level0_xy} of size "
-                f"{size} ({type(exc).__name__}: {exc}); the slide is damaged there: re-export it.",
-                path=self.path,
-                level=level,
-                level0_xy=list(level0_xy),
-                size=list(size),
+            raise self._undecodable(
+                level0_xy,
+                level,
+                size,
+                f"{type(exc).__name__}: {exc}",
+                "the slide is damaged there: re-export it.",
             ) from exc
         return white_outside(_to_rgb(arr), level_xy, window)
 
