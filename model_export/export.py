@@ -228,6 +228,7 @@ def export_package(
     card_extra: Mapping[str, Any] | None = None,
     thresholds: Mapping[str, float] | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str, Path] | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> ExportResult:
     """Export ``source`` with every variant, check parity on ``tiles``, write the package.
@@ -245,6 +246,8 @@ def export_package(
         card_extra: other ``CardInfo`` fields (batch profile, workspace, license...).
         thresholds: per-variant minimum cosine replacing ``parity.THRESHOLDS`` entries.
         overwrite: replace an existing ``out_dir``.
+        extra_files: package-relative path -> file to copy in (e.g. ``training/report.json``);
+            each is listed in the card with its sha256.
         log: receives one line per stage.
 
     Raises:
@@ -302,6 +305,7 @@ def export_package(
             kept = out_dir.parent / f"{out_dir.name}.parity-failed.json"
             shutil.copyfile(report_path, kept)
             raise_on_failure(report, kept)
+        extra = _copy_extra_files(stage, extra_files or {})
         info = CardInfo(
             name=name,
             version=version,
@@ -323,6 +327,7 @@ def export_package(
             with_patch_tokens=with_patch_tokens,
             variants=chosen,
             heads=[h.entry for h in source.heads],
+            extra_files=extra,
         )
         package = finalise_package(stage, card, out_dir, overwrite=overwrite)
     finally:
@@ -377,6 +382,33 @@ def _export_graphs(
         timings["export_int8"] = time.perf_counter() - t0
         log(f"int8 variant written ({int8_mode.value})")
     return {"embed_dim": graph.embed_dim}
+
+
+def _copy_extra_files(stage: Path, files: Mapping[str, Path]) -> list[str]:
+    """Copy ``files`` (package-relative path -> source) into ``stage``; the relative paths.
+
+    Raises:
+        ExportError: a source is missing or a path would leave the package or replace a graph.
+    """
+    out = []
+    for rel, src in files.items():
+        rel_path = Path(rel)
+        if rel_path.is_absolute() or ".." in rel_path.parts or (stage / rel_path).exists():
+            raise ExportError(
+                f"extra file path {rel!r} must be relative, inside the package and not one of "
+                "its own files; choose another name.",
+                reason="extra_file",
+            )
+        if not Path(src).is_file():
+            raise ExportError(
+                f"extra file {src} does not exist; write it before exporting.",
+                reason="extra_file",
+                path=Path(src),
+            )
+        (stage / rel_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, stage / rel_path)
+        out.append(rel_path.as_posix())
+    return out
 
 
 def _parity_line(report: ParityReport) -> str:

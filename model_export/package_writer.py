@@ -135,6 +135,7 @@ def build_card(
     with_patch_tokens: bool,
     variants: Sequence[str],
     heads: Sequence[HeadEntry],
+    extra_files: Sequence[str] = (),
 ) -> ModelCard:
     """The card for the files under ``root``, sha256 computed from the written bytes.
 
@@ -144,6 +145,7 @@ def build_card(
     files = [VARIANT_FILES[v] for v in variants] + [h.file for h in heads]
     if (root / PARITY_FILE).is_file():
         files.append(PARITY_FILE)
+    files += list(extra_files)  # e.g. the training report: checksummed like the graphs
     entries = []
     for rel in dict.fromkeys(files):  # fp32 is both the encoder and a variant: list it once
         path = root / rel

@@ -87,3 +87,9 @@ def test_extraction_writes_crops_that_the_folder_mode_reads_back(tmp_path: Path)
     # A second call appends: the manifest continues.
     extract_crops(cfg, tmp_path, 2, show_progress=False, tissue_fn=_whole_slide)
     assert len(CropFolder.load(tmp_path)) == 5
+
+
+def test_a_slide_smaller_than_one_field_is_refused() -> None:
+    entry = SlideEntry(path=SLIDES / "OS-1-detail.ome.tif")  # 1101 px at 0.227 um/px = 250 um
+    with pytest.raises(SlideError, match="smaller than one 448-um field"):
+        SlideFields(entry, FieldGeometry(), tissue_fn=_whole_slide)

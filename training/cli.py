@@ -265,17 +265,20 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option(help="distillation steps")] = 150,
+    out: Annotated[Path, typer.Option(help="run folder: checkpoint, report")] = Path("runs/demo"),
+    package: Annotated[
+        Path | None, typer.Option(help="model package folder to export to (replaces a demo)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="distillation steps")] = 250,
     slides_dir: Annotated[Path, typer.Option(help="the real test slides")] = Path(
         "tests/data/slides"
     ),
     seed: int = 0,
 ) -> None:
-    """Build the demo student and modality head offline; writes checkpoint.pt and a report."""
+    """Build the demo student and modality head offline from the real slides; export a package."""
     from training.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=out, steps=steps, slides_dir=slides_dir, seed=seed)
+    cfg = DemoConfig(out=out, package=package, steps=steps, slides_dir=slides_dir, seed=seed)
     with _bar() as bar:
         tasks: dict[str, Any] = {}
 
@@ -285,12 +288,16 @@ def demo(
             bar.update(tasks[stage], completed=done)
 
         report = run_demo(cfg, progress)
-    lc = report["loss_curve"]
+    lc, ho = report["loss_curve"], report["heldout_agreement_after"]
+    mh = report["modality_head"]
     console.print(
-        f"loss {lc['first_10pct_mean']:.4f} -> {lc['last_10pct_mean']:.4f}; held-out cosine "
-        f"{report['heldout_agreement_after']['global_cosine']['mean']:.4f}; modality accuracy "
-        f"(leave-one-slide-out) {report['modality_head']['accuracy']:.3f}; report in {out}"
+        f"loss {lc['first_10pct_mean']:.4f} -> {lc['last_10pct_mean']:.4f}; held-out global "
+        f"cosine {ho['global_cosine']['mean']:.4f} (predict-the-mean baseline "
+        f"{ho['constant_baseline_cosine']['mean']:.4f}); modality accuracy (leave-one-slide-out) "
+        f"{mh['correct']}/{mh['n_slides']}; report {out / 'report.md'}"
     )
+    if "package" in report:
+        console.print(f"package {report['package']['path']}: {report['package']['parity']}")
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ class SlideFields:
 
     Raises:
         SlideError: the slide's level-0 mpp is coarser than the teacher's and upsampling is not
-            allowed (a 20x view would be invented).
+            allowed (a 20x view would be invented), or the slide is smaller than one field.
         NoTissueError: no field position has enough tissue.
         (and every error of ``open_slide`` / ``resolve_mpp``: UNKNOWN_MPP etc.)
     """
@@ -151,6 +151,16 @@ class SlideFields:
                 mpp=self.mpp,
             )
         self.level0_side = geometry.field_um / self.mpp
+        w0, h0 = self.reader.dimensions
+        if min(w0, h0) < self.level0_side:
+            # A field hanging off the slide would train on padding, not tissue.
+            self.reader.close()
+            raise SlideError(
+                f"{entry.path} is {w0 * self.mpp:.0f} x {h0 * self.mpp:.0f} um, smaller than one "
+                f"{geometry.field_um:.0f}-um field; leave it out of distillation.",
+                path=entry.path,
+                mpp=self.mpp,
+            )
         self.candidates = self._candidates(tissue_fn(self.reader), min_tissue)
         if len(self.candidates) == 0:
             self.reader.close()

@@ -100,11 +100,13 @@ def field_agreement(
     std: Sequence[float],
     batch_size: int = 8,
     reference: torch.Tensor | None = None,
+    local_reference: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Teacher-student agreement on (held-out) fields, unaugmented.
 
     ``reference`` (Dt,), e.g. the mean teacher field embedding of the training fields, adds
-    ``constant_baseline_cosine``: how well predicting that one vector for every field would score.
+    ``constant_baseline_cosine``: how well predicting that one vector for every field would score;
+    ``local_reference`` (Dt,) does the same for every 20x tile (``constant_baseline_local_cosine``).
 
     Returns:
         ``global_cosine`` (mean, std, min over fields), ``local_cosine`` (mean over fields and
@@ -134,6 +136,10 @@ def field_agreement(
     if reference is not None:
         base = F.cosine_similarity(torch.cat(tmean_all), reference.view(1, -1), dim=-1)
         extra["constant_baseline_cosine"] = {"mean": float(base.mean())}
+    if local_reference is not None:
+        tiles_t = torch.cat(tloc_all)
+        base = F.cosine_similarity(tiles_t, local_reference.view(1, -1), dim=-1)
+        extra["constant_baseline_local_cosine"] = {"mean": float(base.mean())}
     return {
         **extra,
         "n_fields": len(pairs),
