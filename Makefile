@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL_DIR ?= models/default
+# make serve runs the trained demonstration package committed in models/demo (rebuilt by
+# `make demo-model`); `make model` builds the torch-free untrained placeholder the tests also build.
+MODEL_DIR ?= models/demo
+PLACEHOLDER_DIR ?= models/default
 DATA_DIR ?= var
 
 .PHONY: install install-train demo-model bench-export model serve worker test test-fast lint format typecheck bench bench-tiling bench-engine bench-load compose-check clean
@@ -25,21 +28,21 @@ $(VENV)/.installed-train: $(VENV)/.installed
 install-train: $(VENV)/.installed-train
 
 # The default model package: a small untrained network built without network access (card says trained=false).
-$(MODEL_DIR)/model.json: $(VENV)/.installed model_export/default_package.py
-	$(BIN)/python -m model_export.default_package --out $(MODEL_DIR)
+$(PLACEHOLDER_DIR)/model.json: $(VENV)/.installed model_export/default_package.py
+	$(BIN)/python -m model_export.default_package --out $(PLACEHOLDER_DIR)
 
-model: $(MODEL_DIR)/model.json
+model: $(PLACEHOLDER_DIR)/model.json
 
-serve: model
+serve: install
 	$(BIN)/xmag serve --data-dir $(DATA_DIR) --model $(MODEL_DIR)
 
-worker: model
+worker: install
 	$(BIN)/xmag worker --model $(MODEL_DIR)
 
 # The trained demonstration package (a small distilled student + a stain head, from the real test
 # slides, no network): see training/demo.py. Needs the [train] extra.
 demo-model: install-train
-	$(BIN)/python -m training demo --out runs/demo --package models/demo
+	$(BIN)/python -m training demo --out runs/demo --package $(MODEL_DIR)
 
 test: model
 	$(BIN)/python -m pytest -q
@@ -62,10 +65,10 @@ bench-tiling: install
 	$(BIN)/python benchmarks/bench_tiling.py
 
 bench-engine: model
-	$(BIN)/python benchmarks/bench_engine.py --model $(MODEL_DIR)
+	$(BIN)/python benchmarks/bench_engine.py --model $(PLACEHOLDER_DIR)
 
 bench-load: model
-	$(BIN)/python benchmarks/bench_load.py --model $(MODEL_DIR)
+	$(BIN)/python benchmarks/bench_load.py --model $(PLACEHOLDER_DIR)
 
 bench-export: install-train
 	$(BIN)/python benchmarks/bench_export.py
@@ -76,4 +79,4 @@ compose-check:
 	docker-compose -f docker/docker-compose.yml config -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache $(MODEL_DIR)
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache $(PLACEHOLDER_DIR)

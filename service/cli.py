@@ -56,9 +56,13 @@ class _WorkerSupervisor(threading.Thread):
         from service.embedded_redis import die_with_parent
 
         # The kernel stops a worker if `xmag serve` dies hard (the signal follows this thread,
-        # which lives as long as the supervisor does).
+        # which lives as long as the supervisor does). Its own session keeps a terminal's Ctrl-C
+        # (SIGINT to the whole foreground group) away from it: `serve` stops workers in order.
         self.processes[slot] = subprocess.Popen(
-            [sys.executable, "-m", "service", "worker"], env=self.env, preexec_fn=die_with_parent
+            [sys.executable, "-m", "service", "worker"],
+            env=self.env,
+            preexec_fn=die_with_parent,
+            start_new_session=True,
         )
 
     def run(self) -> None:

@@ -137,6 +137,9 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent if self.die_with_parent else None,
+            # Its own session: a terminal's Ctrl-C must not kill Redis under the running workers;
+            # its owner shuts it down last (stop()).
+            start_new_session=True,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -65,7 +65,7 @@ class ServiceSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("REDIS_URL", "XMAG_REDIS_URL")
     )
     data_dir: Path = Path("var")
-    model_dir: Path = Path("models/default")
+    model_dir: Path = Path("models/demo")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     slide_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, gt=0)

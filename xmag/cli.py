@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MODEL_DIR", "build_app", "default_cache_dir", "load_plugins", "main"]
 
-DEFAULT_MODEL_DIR = Path("models/default")
+# The trained demonstration package shipped in the repository (`make demo-model` rebuilds it).
+DEFAULT_MODEL_DIR = Path("models/demo")
 PLUGIN_GROUP = "xmag.commands"
 EXIT_SLIDE_FAILED = 1
 EXIT_USAGE = 2
