@@ -55,3 +55,13 @@ def test_importing_every_core_and_service_module_loads_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"torch-side modules loaded: {out.stdout.strip()}"
+
+
+def test_code_version_names_the_checked_out_commit() -> None:
+    from xmag import __version__
+    from xmag.version import code_version
+
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout.strip()
+    assert code_version() == f"{__version__}+g{head[:12]}"

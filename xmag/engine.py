@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from xmag import __version__
 from xmag.cache import ResultCache, cache_key, slide_sha256
 from xmag.errors import JobCanceledError, NoTissueError, XmagUsageError
 from xmag.outputs import (
@@ -55,6 +54,7 @@ from xmag.results import (
 from xmag.runtime import ModelSession
 from xmag.settings import EngineSettings
 from xmag.tiles import iter_tile_batches
+from xmag.version import code_version
 
 __all__ = ["Engine", "PipelineRun", "SlideOptions", "SlideResult"]
 
@@ -371,7 +371,7 @@ class Engine:
                 model_checksums=self.package.checksums(),
                 params=params.model_dump(mode="json"),
                 options=options.model_dump(mode="json"),
-                code_version=__version__,
+                code_version=code_version(),
                 variant=self.variant,
             )
             if self._cache is not None and self._cache.restore(key, out_dir) is not None:
@@ -388,7 +388,7 @@ class Engine:
         with stages("write"):
             artifacts = self._write_outputs(out_dir, plan, run, tile_probs, attention)
         result = SlideResult(
-            code_version=__version__,
+            code_version=code_version(),
             created_at=datetime.now(UTC),
             duration_s=time.perf_counter() - started,
             cache_key=key,
