@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.auth import ApiKeyStore, Principal, Scope
+from service.callbacks import check_callback_url
 from service.errors import (
     IdempotencyConflictError,
     JobNotCancelableError,
@@ -208,6 +209,8 @@ def _job_fields(state: ServiceState, req: JobRequest, base: str, job_id: str) ->
     else:
         path = resolve_reference(req.path or "", state.settings.slide_roots)
         kind = "path"
+    if req.callback_url is not None:
+        check_callback_url(str(req.callback_url), state.settings.callback_allowed_hosts)
     if req.tasks:
         known = _known_tasks(state)
         unknown = sorted(set(req.tasks) - known) if known is not None else []

@@ -9,6 +9,7 @@
         │   ├── ChecksumMismatchUploadError UPLOAD_CHECKSUM_MISMATCH
         │   ├── SlideReferenceError        SLIDE_REFERENCE_REFUSED (traversal, outside roots)
         │   ├── UnknownTaskError           UNKNOWN_TASK
+        │   ├── CallbackRefusedError       CALLBACK_REFUSED (host not allowed for webhooks)
         │   └── IdempotencyConflictError   IDEMPOTENCY_KEY_REUSED
         ├── AuthenticationError            UNAUTHENTICATED (missing or unknown API key)
         ├── PermissionDeniedError          FORBIDDEN (the key lacks the scope)
@@ -31,6 +32,7 @@ from xmag.errors import XmagError
 __all__ = [
     "AttemptsExhaustedError",
     "AuthenticationError",
+    "CallbackRefusedError",
     "ChecksumMismatchUploadError",
     "EmptyUploadError",
     "IdempotencyConflictError",
@@ -79,6 +81,10 @@ class SlideReferenceError(RequestError):
 
 class UnknownTaskError(RequestError):
     code = "UNKNOWN_TASK"
+
+
+class CallbackRefusedError(RequestError):
+    code = "CALLBACK_REFUSED"
 
 
 class IdempotencyConflictError(RequestError):

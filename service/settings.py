@@ -56,6 +56,8 @@ class ServiceSettings(BaseSettings):
         slide_roots: folders by-reference slides must resolve under (after symlinks).
         max_upload_bytes: upload size cap (bytes); bigger uploads get 413 while streaming.
         public_url: base URL for Location headers and webhook bodies; ``None``: the request's.
+        callback_allowed_hosts: hosts webhook callbacks may target (``lis.example.org``,
+            ``*.example.org``, ``10.0.0.0/8``); empty: any host but link-local and metadata ones.
         webhook_secret: Standard Webhooks secret (``whsec_`` + base64); generated when unset.
     """
 
@@ -75,6 +77,7 @@ class ServiceSettings(BaseSettings):
     webhook_min_backoff_ms: int = Field(default=1_000, gt=0)
     webhook_max_backoff_ms: int = Field(default=600_000, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    callback_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     job_time_limit_s: float = Field(default=DEFAULT_JOB_TIME_LIMIT_S, gt=0)
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
@@ -94,7 +97,7 @@ class ServiceSettings(BaseSettings):
     namespace: str = "xmag"
     log_level: str = "INFO"
 
-    @field_validator("api_keys", "slide_roots", mode="before")
+    @field_validator("api_keys", "slide_roots", "callback_allowed_hosts", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -169,6 +169,15 @@ def test_a_callback_url_that_is_not_http_or_https_is_refused(http: httpx.Client)
     _problem(http.post("/v1/batches", json=batch), 422, "INVALID_REQUEST")
 
 
+def test_a_callback_to_a_cloud_metadata_address_is_refused_for_jobs_and_batches(
+    http: httpx.Client,
+) -> None:
+    body = {"path": SVS.name, "callback_url": "http://169.254.169.254/latest/meta-data/"}
+    _problem(http.post("/v1/jobs", json=body), 422, "CALLBACK_REFUSED")
+    batch = {"jobs": [{"path": SVS.name}], "callback_url": "http://metadata.google.internal/x"}
+    _problem(http.post("/v1/batches", json=batch), 422, "CALLBACK_REFUSED")
+
+
 @pytest.mark.parametrize(
     ("reference", "code"),
     [

@@ -212,3 +212,42 @@ def test_a_callback_url_must_be_http_or_https(url: str) -> None:
     with pytest.raises(ValidationError):
         JobRequest(path="a.svs", callback_url=url)
     assert JobRequest(path="a.svs", callback_url="https://lis.example.org/hook").callback_url
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "refused"),
+    [
+        ("https://lis.example.org/hook", [], False),
+        ("http://10.1.2.3:8080/hook", [], False),  # an LIS on the hospital network
+        ("http://169.254.169.254/latest/meta-data/", [], True),
+        ("http://[fe80::1]/x", [], True),
+        ("http://metadata.google.internal/", [], True),
+        ("https://lis.example.org/hook", ["lis.example.org"], False),
+        ("https://a.lis.example.org/hook", ["*.example.org"], False),
+        ("https://example.org/hook", ["*.example.org"], True),
+        ("https://evil.org/hook", ["*.example.org", "10.0.0.0/8"], True),
+        ("http://10.9.8.7/hook", ["*.example.org", "10.0.0.0/8"], False),
+        ("http://192.168.1.5/hook", ["10.0.0.0/8"], True),
+    ],
+)
+def test_callback_hosts_follow_the_allowlist_and_never_reach_metadata_services(
+    url: str, allowed: list[str], refused: bool
+) -> None:
+    from service.callbacks import check_callback_url
+    from service.errors import CallbackRefusedError
+
+    if refused:
+        with pytest.raises(CallbackRefusedError) as info:
+            check_callback_url(url, allowed)
+        assert info.value.code == "CALLBACK_REFUSED"
+    else:
+        check_callback_url(url, allowed)
+
+
+def test_the_callback_allowlist_is_read_from_a_comma_separated_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.settings import ServiceSettings
+
+    monkeypatch.setenv("XMAG_CALLBACK_ALLOWED_HOSTS", "lis.example.org, 10.0.0.0/8")
+    assert ServiceSettings().callback_allowed_hosts == ["lis.example.org", "10.0.0.0/8"]
