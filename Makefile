@@ -44,10 +44,10 @@ worker: install
 demo-model: install-train
 	$(BIN)/python -m training demo --out runs/demo --package $(MODEL_DIR)
 
-test: model
+test: install
 	$(BIN)/python -m pytest -q
 
-test-fast: model
+test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
 lint: install
