@@ -41,6 +41,7 @@ from xmag.outputs import (
 from xmag.outputs._atomic import atomic_write
 from xmag.package import HeadSpec, ModelPackage, load_package
 from xmag.plan import SlidePlan, plan_slide
+from xmag.preprocess import Preprocessor
 from xmag.readers import SlideReader, open_slide
 from xmag.results import (
     Artifacts,
@@ -149,15 +150,7 @@ class Engine:
         self.batch_size = self.settings.batch_size
         if self.provider == "tensorrt":  # a batch outside the profile would rebuild the engine
             self.batch_size = min(self.batch_size, b.max)
-        self._dtype = np.float16 if card.input.dtype == "float16" else np.float32
-        # uint8 -> normalised value, one table row per model channel, computed in float64 and
-        # rounded once: a gather per pixel instead of four float passes over the batch.
-        levels = np.arange(256, dtype=np.float64)[None, :] / 255.0
-        mean = np.asarray(card.input.mean, dtype=np.float64)[:, None]
-        std = np.asarray(card.input.std, dtype=np.float64)[:, None]
-        self._lut = ((levels - mean) / std).astype(self._dtype)  # (3, 256)
-        # Model channel c reads RGB channel _src[c].
-        self._src = (2, 1, 0) if card.input.channel_order == "BGR" else (0, 1, 2)
+        self.preprocess = Preprocessor.from_spec(card.input)
         self._cache = ResultCache(self.settings.cache_dir) if self.settings.cache_dir else None
         self.tiles_embedded = 0
 
@@ -167,21 +160,6 @@ class Engine:
         return cls(load_package(model_dir), settings)
 
     # -- tiles -> embeddings ----------------------------------------------------------------
-    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 RGB (n, tile_px, tile_px, 3) -> model input (n, 3, tile_px, tile_px).
-
-        ``(x / 255 - mean) / std`` per channel in the card's channel order and dtype.
-        """
-        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
-            raise XmagUsageError(
-                f"expected (n, h, w, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}"
-            )
-        n, h, w, _ = pixels.shape
-        out = np.empty((n, 3, h, w), dtype=self._dtype)
-        for c, src in enumerate(self._src):
-            np.take(self._lut[c], pixels[..., src], out=out[:, c])
-        return out
-
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """Preprocessed input (n, 3, h, w) -> embeddings (n, D) float32, in ``batch_size`` calls."""
         card = self.package.card

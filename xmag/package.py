@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from xmag.errors import ChecksumMismatchError, ModelPackageError
 from xmag.params import TilingParams
+from xmag.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "CARD_FILENAME",
@@ -90,8 +91,8 @@ class InputSpec(_Strict):
         default=2.0, gt=0, le=100, description="um/px the model was trained at"
     )
     channel_order: Literal["RGB", "BGR"] = "RGB"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("std")
