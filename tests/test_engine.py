@@ -1,5 +1,5 @@
 """The engine on real slides: shapes, determinism, parity with a direct ONNX Runtime run on tiles
-read independently, progress, cancellation, no-tissue and the result cache."""
+read independently, progress, cancellation and no-tissue (the result store: test_store.py)."""
 
 from __future__ import annotations
 
@@ -221,54 +221,6 @@ def test_the_result_records_provenance_and_timings(cmu_run: Path, slides_dir: Pa
     for stage in ("open", "hash", "plan", "read_wait", "model", "heads", "write"):
         assert result.timings[stage] >= 0.0
     assert result.cache_hit is False
-
-
-# -- cache ----------------------------------------------------------------------------------
-@pytest.fixture
-def cached_engine(package_dir: Path, tmp_path: Path) -> Engine:
-    return Engine.from_dir(package_dir, _settings(cache_dir=tmp_path / "cache"))
-
-
-def test_a_second_run_is_a_cache_hit_that_recomputes_nothing(
-    cached_engine: Engine, slides_dir: Path, tmp_path: Path
-) -> None:
-    first = cached_engine.embed_slide(slides_dir / NDPI, tmp_path / "one")
-    embedded = cached_engine.tiles_embedded
-    assert embedded == first.tiles.kept
-    second = cached_engine.embed_slide(slides_dir / NDPI, tmp_path / "two")
-    assert cached_engine.tiles_embedded == embedded
-    assert second.cache_hit is True and first.cache_hit is False
-    assert second.cache_key == first.cache_key
-    assert second.slide_embedding == first.slide_embedding
-    for name in ("features.h5", "heatmap.png", "tiles.geojson"):
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
-    stored = SlideResult.model_validate_json((tmp_path / "two" / "result.json").read_text())
-    assert stored.cache_hit is True
-
-
-def test_changing_a_parameter_misses_the_cache(
-    cached_engine: Engine, slides_dir: Path, tmp_path: Path
-) -> None:
-    first = cached_engine.embed_slide(slides_dir / NDPI, tmp_path / "one")
-    other = cached_engine.embed_slide(
-        slides_dir / NDPI, tmp_path / "two", options=SlideOptions(tissue_threshold=0.1)
-    )
-    assert other.cache_hit is False
-    assert other.cache_key != first.cache_key
-    assert cached_engine.tiles_embedded == first.tiles.kept + other.tiles.kept
-
-
-def test_a_model_with_other_checksums_misses_the_cache(
-    cached_engine: Engine, slides_dir: Path, tmp_path: Path
-) -> None:
-    first = cached_engine.embed_slide(slides_dir / NDPI, tmp_path / "one")
-    build_default_package(tmp_path / "pkg2", seed=7)
-    other_engine = Engine.from_dir(tmp_path / "pkg2", _settings(cache_dir=tmp_path / "cache"))
-    assert other_engine.package.checksums() != cached_engine.package.checksums()
-    other = other_engine.embed_slide(slides_dir / NDPI, tmp_path / "two")
-    assert other.cache_hit is False
-    assert other_engine.tiles_embedded == other.tiles.kept == first.tiles.kept
-    assert other.slide_embedding != first.slide_embedding
 
 
 def test_a_slide_smaller_than_one_tile_says_so(

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
 
+from xmag.digest import slide_digest
 from xmag.errors import UnknownMppError, UnsupportedFormatError, XmagError
 from xmag.mpp import MppSource
 from xmag.params import TilingParams
-from xmag.plan import SlidePlan, plan_slide
+from xmag.plan import SlideInfo, SlidePlan, plan_slide
 from xmag.readers import open_slide
+from xmag.results import slide_identity
 from xmag.stain import Modality
 
 SLIDES = Path(__file__).parent / "data" / "slides"
@@ -181,15 +184,20 @@ def test_qc_and_slide_info_serialise_to_json(plans: dict[str, SlidePlan]) -> Non
     qc = json.loads(json.dumps(plan.qc.to_dict()))
     assert qc["modality"] == "fluorescence" and qc["mpp_source"] == "metadata"
     assert set(qc["modality_scores"]) >= {"he", "ihc", "fluorescence"}
-    info = json.loads(json.dumps(plan.slide.to_dict()))
+    info = json.loads(TypeAdapter(SlideInfo).dump_json(plan.slide))
     assert info["format"] == "dicom" and len(info["levels"]) == len(plan.slide.levels)
+    assert TypeAdapter(SlideInfo).validate_python(info) == plan.slide  # the same class reads it
 
 
-def test_slide_info_counts_every_file_of_a_dicom_folder(plans: dict[str, SlidePlan]) -> None:
+def test_slide_identity_counts_every_file_of_a_dicom_folder(plans: dict[str, SlidePlan]) -> None:
     folder = SLIDES / "BPAEC-dicom"
-    assert plans["BPAEC-dicom"].slide.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
+    dicom = slide_identity(plans["BPAEC-dicom"].slide, slide_digest(folder))
+    assert dicom.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
+    assert dicom.name == "BPAEC-dicom" and dicom.levels == plans["BPAEC-dicom"].slide.levels
     svs = plans["CMU-1-Small-Region.svs"].slide
-    assert svs.size_bytes == (SLIDES / "CMU-1-Small-Region.svs").stat().st_size
+    identity = slide_identity(svs, slide_digest(SLIDES / "CMU-1-Small-Region.svs"), "case 7.svs")
+    assert identity.size_bytes == (SLIDES / "CMU-1-Small-Region.svs").stat().st_size
+    assert identity.name == "case 7.svs" and identity.path == svs.path
     assert svs.dimensions == (2220, 2967) and svs.vendor == "aperio"
 
 

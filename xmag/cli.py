@@ -15,14 +15,18 @@ a ``register(app: typer.Typer) -> None`` (the service registers ``serve`` and ``
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -34,18 +38,20 @@ from rich.progress import (
 )
 
 from xmag.errors import SlideNotFoundError, XmagError
+from xmag.outputs._atomic import atomic_write
+from xmag.params import SlideOptions
 from xmag.results import (
     EmbedOutcome,
     EmbedReport,
     ErrorInfo,
     InspectReport,
-    SlideOptions,
+    SlideResult,
     describe_plan,
-    levels_out,
 )
 
 if TYPE_CHECKING:
     from xmag.engine import Engine
+    from xmag.store import ResultStore
 
 __all__ = ["DEFAULT_MODEL_DIR", "build_app", "default_cache_dir", "load_plugins", "main"]
 
@@ -102,6 +108,44 @@ def _out_dir(root: Path, slide: Path, used: set[str]) -> Path:
     return root / name
 
 
+def _option_help(name: str) -> str:
+    """The option's description from ``SlideOptions`` (the one options model)."""
+    return SlideOptions.model_fields[name].description or name
+
+
+MppOpt = Annotated[
+    float | None, typer.Option("--mpp", help=_option_help("mpp_override"), show_default=False)
+]
+DefaultMppOpt = Annotated[
+    float | None,
+    typer.Option("--default-mpp", help=_option_help("default_mpp"), show_default=False),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option("--tissue-threshold", help=_option_help("tissue_threshold"), show_default=False),
+]
+_FLAGS = {"mpp_override": "--mpp", "default_mpp": "--default-mpp"}
+
+
+def slide_options(
+    mpp: float | None, default_mpp: float | None, tissue_threshold: float | None
+) -> SlideOptions:
+    """``SlideOptions`` from the CLI flags; its bounds are the API's (one model for both).
+
+    Raises:
+        typer.BadParameter: a value outside the model's bounds (exit code 2).
+    """
+    try:
+        return SlideOptions(
+            mpp_override=mpp, default_mpp=default_mpp, tissue_threshold=tissue_threshold
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0])
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        raise typer.BadParameter(f"{flag}: {first['msg']}") from exc
+
+
 def embed(
     slides: Annotated[list[str], typer.Argument(help="Slide files, DICOM folders, or globs.")],
     model: Annotated[
@@ -113,42 +157,41 @@ def embed(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the EmbedReport JSON on stdout.")
     ] = False,
-    mpp: Annotated[
-        float | None, typer.Option("--mpp", min=0.01, help="Level-0 um/px to use for every slide.")
-    ] = None,
-    default_mpp: Annotated[
-        float | None,
-        typer.Option("--default-mpp", min=0.01, help="Level-0 um/px for slides that state none."),
-    ] = None,
-    tissue_threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--tissue-threshold", min=0.0, max=1.0, help="Tissue fraction to keep a tile."
-        ),
-    ] = None,
+    mpp: MppOpt = None,
+    default_mpp: DefaultMppOpt = None,
+    tissue_threshold: ThresholdOpt = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Tiles per model call.")
     ] = None,
     no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Recompute even when a cached result exists.")
+        bool,
+        typer.Option("--no-cache", help="Compute into --out only: no result store look-up."),
     ] = False,
     cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Result cache folder (XMAG_CACHE_DIR).")
+        Path | None,
+        typer.Option(
+            "--cache-dir", help="Result store folder (XMAG_CACHE_DIR; ~/.cache/xmag/results)."
+        ),
     ] = None,
 ) -> None:
-    """Embed slides: result.json, features.h5, heatmap.png and tiles.geojson per slide."""
+    """Embed slides: result.json, features.h5, heatmap.png and tiles.geojson per slide.
+
+    Results are kept in a content-addressed store (--cache-dir): a slide whose bytes, model and
+    options were embedded before is answered from it without being opened.
+    """
     from xmag.engine import Engine
     from xmag.settings import EngineSettings
+    from xmag.store import ResultStore
 
     err = _stderr()
+    options = slide_options(mpp, default_mpp, tissue_threshold)
     overrides: dict[str, object] = {}
     if batch_size is not None:
         overrides["batch_size"] = batch_size
     settings = EngineSettings(**overrides)  # type: ignore[arg-type]
-    if no_cache:
-        settings.cache_dir = None
-    else:
-        settings.cache_dir = cache_dir or settings.cache_dir or default_cache_dir()
+    store = None
+    if not no_cache:
+        store = ResultStore(cache_dir or settings.cache_dir or default_cache_dir())
     try:
         engine = Engine.from_dir(model, settings)
     except XmagError as exc:
@@ -160,10 +203,7 @@ def embed(
             f"[yellow]warning[/yellow]: model {card.name} {card.version} is untrained "
             "(model.json says trained=false): its embeddings and predictions mean nothing."
         )
-    options = SlideOptions(
-        mpp_override=mpp, default_mpp=default_mpp, tissue_threshold=tissue_threshold
-    )
-    outcomes = _embed_all(engine, expand_slides(slides), out, options, err, json_out)
+    outcomes = _embed_all(engine, store, expand_slides(slides), out, options, err, json_out)
     if json_out:
         report = EmbedReport(model=f"{card.name}@{card.version}", outcomes=outcomes)
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
@@ -175,6 +215,7 @@ def embed(
 
 def _embed_all(
     engine: Engine,
+    store: ResultStore | None,
     slides: list[tuple[str, Path | None]],
     out: Path,
     options: SlideOptions,
@@ -208,7 +249,10 @@ def _embed_all(
                 bar.update(task, completed=done, total=total, rate=rate)
 
             try:
-                result = engine.embed_slide(path, out_dir, options=options, progress=progress)
+                if store is None:
+                    result = engine.embed_slide(path, out_dir, options=options, progress=progress)
+                else:
+                    result = _embed_stored(engine, store, path, out_dir, options, progress)
             except XmagError as exc:
                 outcomes.append(EmbedOutcome(slide=arg, ok=False, error=_error_info(exc)))
                 bar.update(task, description=f"[red]✗ {path.name}")
@@ -226,6 +270,38 @@ def _embed_all(
     return outcomes
 
 
+def _embed_stored(
+    engine: Engine,
+    store: ResultStore,
+    path: Path,
+    out_dir: Path,
+    options: SlideOptions,
+    progress: Callable[[int, int], None],
+) -> SlideResult:
+    """Look the slide's result up in ``store`` (computing it on a miss) and copy it to
+    ``out_dir``; the copy's result.json says whether this call computed it."""
+    from xmag.digest import DigestCache
+    from xmag.store import ARTIFACTS, lookup_or_embed
+
+    if not path.exists():
+        raise SlideNotFoundError(f"{path} does not exist.", path=str(path))
+    digest = DigestCache(store.root / ".digests").digest(path)
+    stored = lookup_or_embed(engine, store, path, digest, options=options, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ARTIFACTS:
+        src = stored.folder / name
+        if name != "result.json" and src.is_file():
+            with atomic_write(out_dir / name) as tmp:
+                shutil.copyfile(src, tmp)
+    slide = dataclasses.replace(stored.result.slide, path=str(path), name=path.name)
+    result = stored.result.model_copy(
+        update={"cache_hit": stored.hit, "slide": slide, "duration_s": stored.seconds}
+    )
+    with atomic_write(out_dir / "result.json") as tmp:  # last: the folder is complete
+        tmp.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+    return result
+
+
 def inspect_cmd(
     slide: Annotated[Path, typer.Argument(help="A slide file or DICOM folder.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the InspectReport JSON.")] = False,
@@ -233,19 +309,13 @@ def inspect_cmd(
         Path | None,
         typer.Option("--model", "-m", help="Take tile size and target mpp from this package."),
     ] = None,
-    mpp: Annotated[float | None, typer.Option("--mpp", min=0.01)] = None,
-    default_mpp: Annotated[float | None, typer.Option("--default-mpp", min=0.01)] = None,
-    tissue_threshold: Annotated[
-        float | None, typer.Option("--tissue-threshold", min=0, max=1)
-    ] = None,
+    mpp: MppOpt = None,
+    default_mpp: DefaultMppOpt = None,
+    tissue_threshold: ThresholdOpt = None,
 ) -> None:
     """Show what the core sees in a slide (no model is run)."""
     report = inspect_slide(
-        slide,
-        model=model,
-        options=SlideOptions(
-            mpp_override=mpp, default_mpp=default_mpp, tissue_threshold=tissue_threshold
-        ),
+        slide, model=model, options=slide_options(mpp, default_mpp, tissue_threshold)
     )
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
@@ -264,19 +334,19 @@ def inspect_slide(
     from xmag.plan import plan_slide
     from xmag.readers import open_slide
 
-    opts = (options or SlideOptions()).model_dump()
+    options = options or SlideOptions()
     report = InspectReport(path=str(slide), ok=False)
     try:
         params = (
-            load_package(model).card.tiling_params(**opts)
+            load_package(model).card.tiling_params(options)
             if model is not None
-            else TilingParams(**{k: v for k, v in opts.items() if v is not None})
+            else TilingParams(**options.model_dump(exclude_none=True))
         )
         report.params = params
         with open_slide(slide) as reader:
             report.reader, report.vendor, report.format = reader.name, reader.vendor, reader.format
             report.dimensions = reader.dimensions
-            report.levels = levels_out(reader.levels)
+            report.levels = list(reader.levels)
             plan = plan_slide(reader, params)
         for key, value in describe_plan(plan).items():
             setattr(report, key, value)

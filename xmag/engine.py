@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from xmag.cache import ResultCache, cache_key, slide_sha256
+from xmag.digest import SlideDigest, slide_digest
 from xmag.errors import JobCanceledError, NoTissueError, XmagUsageError
 from xmag.outputs import (
     render_heatmap,
@@ -40,6 +40,7 @@ from xmag.outputs import (
 )
 from xmag.outputs._atomic import atomic_write
 from xmag.package import HeadSpec, ModelPackage, load_package
+from xmag.params import SlideOptions
 from xmag.plan import SlidePlan, plan_slide
 from xmag.preprocess import Preprocessor
 from xmag.readers import SlideReader, open_slide
@@ -47,13 +48,13 @@ from xmag.results import (
     Artifacts,
     HeadPrediction,
     ModelRef,
-    SlideOptions,
     SlideResult,
     describe_plan,
     slide_identity,
 )
 from xmag.runtime import ModelSession
 from xmag.settings import EngineSettings
+from xmag.store import ResultIdentity
 from xmag.tiles import iter_tile_batches
 from xmag.version import code_version
 
@@ -117,8 +118,7 @@ class Engine:
         package: the verified package.
         settings: how sessions and the pipeline run.
         provider: the provider that runs the encoder ("cpu", "cuda", "tensorrt").
-        tiles_embedded: tiles run through the encoder since this engine was built (a cache hit
-            adds none).
+        tiles_embedded: tiles run through the encoder since this engine was built.
     """
 
     def __init__(self, package: ModelPackage, settings: EngineSettings | None = None) -> None:
@@ -151,7 +151,6 @@ class Engine:
         if self.provider == "tensorrt":  # a batch outside the profile would rebuild the engine
             self.batch_size = min(self.batch_size, b.max)
         self.preprocess = Preprocessor.from_spec(card.input)
-        self._cache = ResultCache(self.settings.cache_dir) if self.settings.cache_dir else None
         self.tiles_embedded = 0
 
     @classmethod
@@ -313,19 +312,41 @@ class Engine:
         return preds, tile_probs, attention
 
     # -- one slide --------------------------------------------------------------------------
+    def identity(self, slide_sha256: str, options: SlideOptions | None = None) -> ResultIdentity:
+        """What determines the result of this engine on a slide with these options (no I/O)."""
+        return ResultIdentity(
+            slide_sha256=slide_sha256,
+            model=self.package.checksums(),
+            variant=self.variant,
+            params=self.package.card.tiling_params(options),
+            code_version=code_version(),
+        )
+
+    def result_key(self, slide_sha256: str, options: SlideOptions | None = None) -> str:
+        """The key naming that result in a ``xmag.store.ResultStore``."""
+        return self.identity(slide_sha256, options).key()
+
     def embed_slide(
         self,
         slide_path: Path,
         out_dir: Path,
         *,
         options: SlideOptions | None = None,
+        digest: SlideDigest | None = None,
+        display_name: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> SlideResult:
         """Embed one slide and write result.json, features.h5, heatmap.png and tiles.geojson.
 
         Each file is written atomically into ``out_dir``; result.json is written last, so its
-        presence means the others are complete.
+        presence means the others are complete. This always computes: callers that keep results
+        look them up first (``xmag.store.lookup_or_embed``).
+
+        Args:
+            digest: the slide's sha256 and size when the caller knows them (an upload's, or
+                ``xmag.digest.DigestCache``); hashed here otherwise (the ``hash`` timing).
+            display_name: the slide's name as the caller knows it (default: the file name).
 
         Raises:
             SlideError subclasses: the slide cannot be read, has no usable mpp, or
@@ -337,23 +358,14 @@ class Engine:
         stages = _Stages()
         slide_path, out_dir = Path(slide_path), Path(out_dir)
         options = options or SlideOptions()
-        card = self.package.card
-        params = card.tiling_params(**options.model_dump())
+        params = self.package.card.tiling_params(options)
         with stages("open"):
             reader = open_slide(slide_path)  # typed errors for missing or unreadable input
         with reader:
-            with stages("hash"):
-                sha, size = slide_sha256(slide_path)
-            key = cache_key(
-                slide_sha256=sha,
-                model_checksums=self.package.checksums(),
-                params=params.model_dump(mode="json"),
-                options=options.model_dump(mode="json"),
-                code_version=code_version(),
-                variant=self.variant,
-            )
-            if self._cache is not None and self._cache.restore(key, out_dir) is not None:
-                return self._cached(out_dir, slide_path, started)
+            if digest is None:
+                with stages("hash"):
+                    digest = slide_digest(slide_path)
+            key = self.result_key(digest.sha256, options)
             with stages("plan"):
                 plan = plan_slide(reader, params)
             if plan.qc.zero_tissue or plan.grid.n_kept == 0:
@@ -369,8 +381,8 @@ class Engine:
             code_version=code_version(),
             created_at=datetime.now(UTC),
             duration_s=time.perf_counter() - started,
-            cache_key=key,
-            slide=slide_identity(slide_path, plan.slide, sha, size),
+            result_key=key,
+            slide=slide_identity(plan.slide, digest, display_name),
             params=params,
             options=options,
             **describe_plan(plan),
@@ -384,8 +396,6 @@ class Engine:
         )
         with atomic_write(out_dir / "result.json") as tmp:
             tmp.write_text(result.model_dump_json(indent=2), encoding="utf-8")
-        if self._cache is not None:
-            self._cache.store(key, out_dir)
         return result
 
     def model_ref(self) -> ModelRef:
@@ -400,21 +410,6 @@ class Engine:
             checksums=self.package.checksums(),
             card_sha256=self.package.card_sha256,
         )
-
-    def _cached(self, out_dir: Path, slide_path: Path, started: float) -> SlideResult:
-        """The stored result, marked as a cache hit, rewritten into ``out_dir``."""
-        stored = SlideResult.model_validate_json((out_dir / "result.json").read_text())
-        slide = stored.slide.model_copy(update={"path": str(slide_path)})
-        result = stored.model_copy(
-            update={
-                "cache_hit": True,
-                "slide": slide,
-                "duration_s": time.perf_counter() - started,
-            }
-        )
-        with atomic_write(out_dir / "result.json") as tmp:
-            tmp.write_text(result.model_dump_json(indent=2), encoding="utf-8")
-        return result
 
     def _write_outputs(
         self,

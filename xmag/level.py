@@ -7,7 +7,8 @@ decoding 64x the pixels at level 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 
 from xmag.readers.base import SlideReader
 
@@ -16,9 +17,9 @@ __all__ = ["LEVEL_MATCH_TOLERANCE", "LevelChoice", "choose_level"]
 LEVEL_MATCH_TOLERANCE = 0.02  # a level within 2% of the target is read as-is (no resampling)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class LevelChoice:
-    """The level read for a target mpp.
+    """The level read for a target mpp (also result.json's ``level``).
 
     Attributes:
         level: pyramid level index read.

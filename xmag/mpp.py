@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import StrEnum
+
+from pydantic import ConfigDict, computed_field
+from pydantic.dataclasses import dataclass
 
 from xmag.errors import InvalidMppError, UnknownMppError
 from xmag.readers.base import SlideReader
@@ -29,16 +32,25 @@ class MppSource(StrEnum):
     DEFAULT = "default"
 
 
-@dataclass(frozen=True)
+# extra="ignore": result.json also holds ``mpp``, computed from x and y, never read back.
+@dataclass(frozen=True, config=ConfigDict(extra="ignore"))
 class MppInfo:
-    """Level-0 microns per pixel with its provenance."""
+    """Level-0 microns per pixel with its provenance (also result.json's ``mpp``).
+
+    Attributes:
+        mpp_x, mpp_y: level-0 um/px along x and y.
+        source: where they came from.
+        detail: the metadata field, "objective power 20", the option, ...
+        warnings: sentences for a person when the values look wrong.
+    """
 
     mpp_x: float
     mpp_y: float
     source: MppSource
-    detail: str  # the metadata field, "objective power 20", "--mpp", ...
+    detail: str
     warnings: tuple[str, ...] = field(default=())
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def mpp(self) -> float:
         """The isotropic mpp used for tiling (mean of x and y)."""

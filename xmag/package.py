@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xmag.errors import ChecksumMismatchError, ModelPackageError
-from xmag.params import TilingParams
+from xmag.params import SlideOptions, TilingParams
 from xmag.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -204,10 +204,11 @@ class ModelCard(_Strict):
             raise ValueError(f"head names must be unique, got {names}")
         return self
 
-    def tiling_params(self, **overrides: Any) -> TilingParams:
-        """Tiling parameters this model asks for (tile_px, target_mpp), plus caller options."""
-        clean = {k: v for k, v in overrides.items() if v is not None}
-        return TilingParams(tile_px=self.input.tile_px, target_mpp=self.input.target_mpp, **clean)
+    def tiling_params(self, options: SlideOptions | None = None) -> TilingParams:
+        """Tiling parameters this model asks for (tile_px, target_mpp), plus caller options
+        (an option left None keeps the model's default)."""
+        given = (options or SlideOptions()).model_dump(exclude_none=True)
+        return TilingParams(tile_px=self.input.tile_px, target_mpp=self.input.target_mpp, **given)
 
     def checksums(self) -> dict[str, str]:
         """sha256 of every file by path (what identifies the model in result provenance)."""

@@ -1,14 +1,50 @@
-"""Tiling parameters: what a model asks of the slide. Part of every result's provenance."""
+"""Per-slide options and tiling parameters: what a caller and a model ask of the slide.
+
+``SlideOptions`` is the one options model: the CLI builds it from its flags, the REST API takes
+it as a job's ``options`` (it is the OpenAPI schema), and the engine merges it with the package
+card's input into ``TilingParams`` (``ModelCard.tiling_params``), which is part of every result's
+provenance and identity. The option fields' types and bounds are defined once below and shared by
+both models.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DEFAULT_TARGET_MPP", "DEFAULT_TILE_PX", "TilingParams"]
+__all__ = [
+    "DEFAULT_TARGET_MPP",
+    "DEFAULT_TILE_PX",
+    "DEFAULT_TISSUE_THRESHOLD",
+    "SlideOptions",
+    "TilingParams",
+]
 
 DEFAULT_TILE_PX = 224  # XMAG student input, pixels at the target mpp
 DEFAULT_TARGET_MPP = 2.0  # um/px, "5x"
 DEFAULT_TISSUE_THRESHOLD = 0.25  # fraction of a tile that must be tissue to keep it
+MAX_MPP_UM = 100.0  # um/px: coarser than any slide scanner (a 0.1x overview)
+
+#: Level-0 microns per pixel given by a caller.
+MppUm = Annotated[float, Field(gt=0, le=MAX_MPP_UM)]
+#: Fraction of a tile's area that must be tissue to keep the tile.
+TissueFraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_MPP_OVERRIDE = "level-0 um/px to use instead of the slide's metadata"
+_DEFAULT_MPP = "level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)"
+
+
+class SlideOptions(BaseModel):
+    """Per-slide options a caller may set (CLI flags, a job's ``options``); None: the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mpp_override: MppUm | None = Field(default=None, description=_MPP_OVERRIDE)
+    default_mpp: MppUm | None = Field(default=None, description=_DEFAULT_MPP)
+    tissue_threshold: TissueFraction | None = Field(
+        default=None,
+        description="fraction of a tile that must be tissue to keep it (default: the model's)",
+    )
 
 
 class TilingParams(BaseModel):
@@ -23,20 +59,11 @@ class TilingParams(BaseModel):
     overlap_px: int = Field(
         0, ge=0, description="overlap between neighbouring tiles, pixels at target_mpp"
     )
-    tissue_threshold: float = Field(
-        DEFAULT_TISSUE_THRESHOLD,
-        ge=0.0,
-        le=1.0,
-        description="minimum tissue fraction to keep a tile",
+    tissue_threshold: TissueFraction = Field(
+        DEFAULT_TISSUE_THRESHOLD, description="minimum tissue fraction to keep a tile"
     )
-    mpp_override: float | None = Field(
-        None, gt=0, description="level-0 um/px to use instead of metadata"
-    )
-    default_mpp: float | None = Field(
-        None,
-        gt=0,
-        description="level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)",
-    )
+    mpp_override: MppUm | None = Field(None, description=_MPP_OVERRIDE)
+    default_mpp: MppUm | None = Field(None, description=_DEFAULT_MPP)
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingParams:

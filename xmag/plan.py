@@ -10,8 +10,9 @@ whether that is an error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from xmag.grid import TileGrid, build_grid
 from xmag.level import LevelChoice, choose_level
@@ -25,13 +26,13 @@ from xmag.tissue import TissueMask, detect_tissue
 __all__ = ["SlideInfo", "SlidePlan", "plan_slide"]
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SlideInfo:
-    """Identity and geometry of a slide as its reader sees it.
+    """A slide as its reader sees it (the reader-side half of result.json's ``slide``; the
+    bytes' half, sha256 and size, is ``xmag.results.SlideIdentity``).
 
     Attributes:
-        path: the slide file, or the folder of a DICOM set.
-        size_bytes: bytes on disk (all files of a folder).
+        path: the slide file, or the folder of a DICOM set, as opened (not part of any identity).
         reader: registry name of the reader that opened it.
         vendor: scanner vendor or format family, when known.
         format: container format ("svs", "ndpi", "ome-tiff", "dicom"...).
@@ -39,8 +40,7 @@ class SlideInfo:
         levels: the pyramid, level 0 first.
     """
 
-    path: Path
-    size_bytes: int
+    path: str
     reader: str
     vendor: str | None
     format: str
@@ -49,35 +49,15 @@ class SlideInfo:
 
     @classmethod
     def from_reader(cls, reader: SlideReader) -> SlideInfo:
+        w, h = reader.dimensions
         return cls(
-            path=reader.path,
-            size_bytes=_size_on_disk(reader.path),
+            path=str(reader.path),
             reader=reader.name,
             vendor=reader.vendor,
             format=reader.format,
-            dimensions=reader.dimensions,
+            dimensions=(int(w), int(h)),
             levels=tuple(reader.levels),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {
-            "path": str(self.path),
-            "size_bytes": self.size_bytes,
-            "reader": self.reader,
-            "vendor": self.vendor,
-            "format": self.format,
-            "dimensions": list(self.dimensions),
-            "levels": [
-                {
-                    "index": lv.index,
-                    "width": lv.width,
-                    "height": lv.height,
-                    "downsample": lv.downsample,
-                }
-                for lv in self.levels
-            ],
-        }
 
 
 @dataclass(frozen=True)
@@ -126,9 +106,3 @@ def plan_slide(reader: SlideReader, params: TilingParams) -> SlidePlan:
         grid=grid,
         qc=qc,
     )
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size

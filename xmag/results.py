@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from xmag.params import TilingParams
+from xmag.digest import SlideDigest
+from xmag.level import LevelChoice
+from xmag.mpp import MppInfo
+from xmag.params import SlideOptions, TilingParams
+from xmag.plan import SlideInfo
+from xmag.qc import SlideQC
+from xmag.readers.base import LevelInfo
 
-if TYPE_CHECKING:  # xmag.plan pulls in the whole pipeline; results only needs its type
+if TYPE_CHECKING:
     from xmag.plan import SlidePlan
 
 __all__ = [
@@ -31,18 +38,12 @@ __all__ = [
     "ErrorInfo",
     "HeadPrediction",
     "InspectReport",
-    "LevelOut",
-    "LevelRead",
     "ModelRef",
-    "MppOut",
-    "QCOut",
     "SlideIdentity",
-    "SlideOptions",
     "SlideResult",
     "TilesOut",
     "TissueOut",
     "describe_plan",
-    "levels_out",
     "slide_identity",
     "write_schemas",
 ]
@@ -54,59 +55,19 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SlideOptions(BaseModel):
-    """Per-slide options a caller may set (CLI flags, the service's job options)."""
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class SlideIdentity(SlideInfo):
+    """result.json's ``slide``: the slide as its reader saw it, plus its bytes' digest.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Attributes:
+        name: the file name as the caller knows it (an upload's name, else the path's).
+        size_bytes: bytes of the file, or of every file of a folder.
+        sha256: sha256 of the bytes (a folder: its files in name order), what names the result.
+    """
 
-    mpp_override: float | None = Field(
-        default=None,
-        gt=0,
-        le=100,
-        description="level-0 um/px to use instead of the slide's metadata",
-    )
-    default_mpp: float | None = Field(
-        default=None, gt=0, le=100, description="level-0 um/px to assume when the slide states none"
-    )
-    tissue_threshold: float | None = Field(
-        default=None, ge=0, le=1, description="fraction of a tile that must be tissue to keep it"
-    )
-
-
-class LevelOut(_Out):
-    index: int
-    width: int = Field(description="pixels of this level")
-    height: int
-    downsample: float = Field(description="level-0 pixels per pixel of this level")
-
-
-class SlideIdentity(_Out):
-    path: str = Field(description="where the slide was read (not part of its identity)")
     name: str
-    size_bytes: int = Field(description="bytes of the file, or of every file of a folder")
-    sha256: str = Field(description="sha256 of the bytes (a folder: its files in name order)")
-    reader: str = Field(description="xmag reader that opened it (openslide, tiffslide...)")
-    vendor: str | None
-    format: str
-    dimensions: tuple[int, int] = Field(description="level-0 (width, height) in pixels")
-    levels: list[LevelOut]
-
-
-class MppOut(_Out):
-    mpp_x: float = Field(description="level-0 um/px along x")
-    mpp_y: float
-    mpp: float = Field(description="the isotropic level-0 um/px used for tiling")
-    source: Literal["override", "metadata", "objective_power", "default"]
-    detail: str = Field(description="the metadata field or the flag it came from")
-    warnings: list[str] = Field(default_factory=list)
-
-
-class LevelRead(_Out):
-    level: int = Field(description="pyramid level read")
-    level_downsample: float
-    level_mpp: float = Field(description="um/px of the level read")
-    target_mpp: float
-    resample_factor: float = Field(description="level pixels per target pixel (1 = no resize)")
+    size_bytes: int
+    sha256: str
 
 
 class TissueOut(_Out):
@@ -114,24 +75,6 @@ class TissueOut(_Out):
     downsample: float = Field(description="level-0 pixels per mask pixel")
     mask_shape: tuple[int, int] = Field(description="(height, width) of the mask")
     area_mm2: float
-
-
-class QCOut(_Out):
-    """Quality control from the core (``xmag.qc.SlideQC``)."""
-
-    tissue_area_mm2: float
-    tiles_kept: int
-    tiles_total: int
-    zero_tissue: bool
-    level_read: int
-    level_mpp: float
-    resample_factor: float
-    mpp: float
-    mpp_source: str
-    mpp_detail: str
-    modality: str = Field(description="he, ihc, fluorescence or unknown (a guess from colour)")
-    modality_scores: dict[str, float]
-    warnings: list[str] = Field(default_factory=list)
 
 
 class TilesOut(_Out):
@@ -186,16 +129,22 @@ class SlideResult(_Out):
     created_at: datetime
     duration_s: float = Field(description="wall time of the call that produced this result")
     cache_hit: bool = Field(
-        default=False, description="returned from the result cache, not recomputed"
+        default=False,
+        description="answered from the result store by this call, not computed (timings and "
+        "duration_s are then those of the run that computed it)",
     )
-    cache_key: str | None = None
+    result_key: str = Field(
+        description="the result's identity key (xmag.store.ResultIdentity): sha256 over the "
+        "slide's sha256, the model's checksums and variant, the tiling parameters and the code "
+        "version"
+    )
     slide: SlideIdentity
-    mpp: MppOut
-    level: LevelRead
+    mpp: MppInfo
+    level: LevelChoice
     params: TilingParams
     options: SlideOptions
     tissue: TissueOut
-    qc: QCOut
+    qc: SlideQC
     tiles: TilesOut
     model: ModelRef
     provider: str = Field(description="execution provider that ran the encoder (cpu, cuda...)")
@@ -223,13 +172,13 @@ class InspectReport(_Out):
     vendor: str | None = None
     format: str | None = None
     dimensions: tuple[int, int] | None = None
-    levels: list[LevelOut] = Field(default_factory=list)
-    mpp: MppOut | None = None
-    level: LevelRead | None = None
+    levels: list[LevelInfo] = Field(default_factory=list)
+    mpp: MppInfo | None = None
+    level: LevelChoice | None = None
     params: TilingParams | None = None
     tissue: TissueOut | None = None
     tiles: TilesOut | None = None
-    qc: QCOut | None = None
+    qc: SlideQC | None = None
 
 
 class EmbedOutcome(_Out):
@@ -248,56 +197,31 @@ class EmbedReport(_Out):
     outcomes: list[EmbedOutcome]
 
 
-# -- from the core's plan (duck-typed: xmag.plan.SlidePlan and its parts) ---------------------
-def slide_identity(path: Path, info: Any, sha256: str, size_bytes: int) -> SlideIdentity:
-    """``SlideIdentity`` from a ``SlideInfo`` plus the bytes' hash and size."""
+# -- from the core's plan ---------------------------------------------------------------------
+def slide_identity(info: SlideInfo, digest: SlideDigest, name: str | None = None) -> SlideIdentity:
+    """``SlideIdentity`` from what the reader saw and the bytes' digest."""
+    fields = {f: getattr(info, f) for f in SlideInfo.__dataclass_fields__}
     return SlideIdentity(
-        path=str(path),
-        name=Path(path).name,
-        size_bytes=size_bytes,
-        sha256=sha256,
-        reader=info.reader,
-        vendor=info.vendor,
-        format=info.format,
-        dimensions=(int(info.dimensions[0]), int(info.dimensions[1])),
-        levels=levels_out(info.levels),
+        **fields,
+        name=name or Path(info.path).name,
+        size_bytes=digest.size_bytes,
+        sha256=digest.sha256,
     )
-
-
-def levels_out(levels: Any) -> list[LevelOut]:
-    return [
-        LevelOut(index=lv.index, width=lv.width, height=lv.height, downsample=float(lv.downsample))
-        for lv in levels
-    ]
 
 
 def describe_plan(plan: SlidePlan) -> dict[str, Any]:
     """The ``mpp``, ``level``, ``tissue``, ``qc`` and ``tiles`` fields from a ``SlidePlan``."""
-    m, c, g = plan.mpp, plan.level, plan.grid
-    qc = plan.qc.to_dict()
+    g = plan.grid
     return {
-        "mpp": MppOut(
-            mpp_x=float(m.mpp_x),
-            mpp_y=float(m.mpp_y),
-            mpp=float(m.mpp),
-            source=str(m.source),
-            detail=m.detail,
-            warnings=list(m.warnings),
-        ),
-        "level": LevelRead(
-            level=c.level,
-            level_downsample=float(c.level_downsample),
-            level_mpp=float(c.level_mpp),
-            target_mpp=float(c.target_mpp),
-            resample_factor=float(c.resample_factor),
-        ),
+        "mpp": plan.mpp,
+        "level": plan.level,
         "tissue": TissueOut(
             method=plan.tissue.method,
             downsample=float(plan.tissue.downsample),
             mask_shape=(int(plan.tissue.mask.shape[0]), int(plan.tissue.mask.shape[1])),
             area_mm2=float(plan.qc.tissue_area_mm2),
         ),
-        "qc": QCOut.model_validate({k: qc[k] for k in QCOut.model_fields if k in qc}),
+        "qc": plan.qc,
         "tiles": TilesOut(
             kept=g.n_kept,
             total=g.n_total,
@@ -318,7 +242,8 @@ SCHEMA_FILES: dict[str, type[BaseModel]] = {
 
 def schema_text(model: type[BaseModel]) -> str:
     """The JSON Schema of ``model`` as committed (sorted keys, 2-space indent, final newline)."""
-    return json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+    schema = model.model_json_schema(mode="serialization")
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def write_schemas(out_dir: str | Path) -> list[Path]:
