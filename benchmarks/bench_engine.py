@@ -1,6 +1,6 @@
 """Engine benchmark (a script, not a test): is the pipeline as fast as its slower half?
 
-On a generated 40x slide (``xmag.synthetic.make_large_slide``, cached under ``.bench/``) it
+On a generated 40x slide (``tests.synthetic.make_large_slide``, cached under ``.bench/``) it
 prints tiles per second for:
 
     model alone    the encoder session on pre-read, preprocessed tiles (no reading)
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+# A script of the repository: its test fixtures (tests.synthetic) import from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xmag.engine import Engine
 from xmag.plan import plan_slide
 from xmag.readers import open_slide
@@ -46,7 +48,7 @@ def cached_slide(workdir: Path, width: int, height: int, seed: int) -> Path:
     if path.exists():
         print(f"reusing {path} ({path.stat().st_size / 1e6:.0f} MB)")
         return path
-    cmd = [sys.executable, "-m", "xmag.synthetic", str(path), "--layout", "40x"]
+    cmd = [sys.executable, "-m", "tests.synthetic", str(path), "--layout", "40x"]
     cmd += ["--width", str(width), "--height", str(height), "--seed", str(seed)]
     subprocess.run(cmd, check=True)
     return path

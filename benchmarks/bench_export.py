@@ -29,14 +29,10 @@ import timm
 import torch
 
 from model_export.onnx_export import ENCODER_INPUT, ENCODER_OUTPUT, export_encoder
-from model_export.parity import (
-    collect_parity_tiles,
-    cosine_rows,
-    make_session,
-    normalise_tiles,
-    torch_embeddings,
-)
+from model_export.parity import cosine_rows, make_session, torch_embeddings
+from model_export.parity_tiles import collect_parity_tiles
 from model_export.quantize import Int8Mode, quantize_int8
+from xmag.preprocess import Preprocessor
 from xmag.settings import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +42,6 @@ SLIDES = [
     ROOT / "tests/data/slides/test3-DAPI-2-387.ndpi",
 ]
 PATCHES = ROOT / "tests/data/patches/nct-crc-he"
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 MODELS = {
     "demo student (ViT-S/14 layout, 192-d, 4 blocks)": (
         "vit_small_patch14_dinov2",
@@ -101,7 +95,7 @@ def main() -> None:
     tiles = collect_parity_tiles(
         SLIDES, tile_px=224, target_mpp=2.0, patches=[PATCHES], tiles_per_slide=8
     )
-    x = normalise_tiles(tiles.pixels, MEAN, STD)
+    x = Preprocessor()(tiles.pixels)  # the core's ImageNet preprocessing, as a card states it
     print(
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores on the host, "
         f"{args.threads} ORT threads; onnxruntime {ort.__version__}, torch {torch.__version__}"

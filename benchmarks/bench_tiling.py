@@ -31,12 +31,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+# A script of the repository: its test fixtures (tests.synthetic) import from the root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.synthetic import SyntheticSlide, make_large_slide
 from xmag.grid import TileGrid
 from xmag.level import LevelChoice, choose_level
 from xmag.params import TilingParams
 from xmag.readers import open_slide
 from xmag.readers.base import SlideReader
-from xmag.synthetic import SyntheticSlide, make_large_slide
 from xmag.tiles import iter_tile_batches
 
 

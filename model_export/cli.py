@@ -3,6 +3,7 @@
     python -m model_export export CHECKPOINT --out DIR --name NAME --parity-slide SLIDE...
     python -m model_export import-xmag XMAG.pt --out DIR --parity-slide SLIDE...
     python -m model_export trt-bench DIR --torch-from CHECKPOINT --parity-slide SLIDE...
+    python -m model_export demo --slides-dir tests/data/slides --out runs/demo --package DIR
 
 Exit codes: 0 success, 1 a typed error (printed as ``[CODE] message`` with the reason), 2 usage.
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from model_export.errors import ExportError
 from xmag.errors import XmagError
+from xmag.params import SlideOptions
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 __all__ = ["app", "main"]
 
@@ -59,7 +64,7 @@ class _ExportOptions:
     parity_slide: list[Path]
     parity_patches: list[Path]
     tiles_per_slide: int
-    default_mpp: float | None
+    slide_options: SlideOptions  # how parity slides are read (the core's one options model)
     patch_tokens: bool
     batch_min: int
     batch_opt: int
@@ -72,10 +77,17 @@ class _ExportOptions:
     license_: str
     intended_use: str
 
+    @classmethod
+    def from_cli(cls, values: dict[str, Any]) -> _ExportOptions:
+        """From a command's parameters; ``default_mpp`` goes into ``slide_options``."""
+        values = dict(values)
+        slide_options = SlideOptions(default_mpp=values.pop("default_mpp"))
+        return cls(slide_options=slide_options, **values)
+
 
 def _run_export(source_kind: str, checkpoint: Path, opts: _ExportOptions, *, ema: bool) -> None:
     from model_export.export import export_package, from_training, from_xmag_release
-    from model_export.parity import collect_parity_tiles
+    from model_export.parity_tiles import collect_parity_tiles
     from model_export.quantize import Int8Mode
     from xmag.package import BatchProfile
 
@@ -91,7 +103,7 @@ def _run_export(source_kind: str, checkpoint: Path, opts: _ExportOptions, *, ema
             target_mpp=source.target_mpp,
             patches=opts.parity_patches,
             tiles_per_slide=opts.tiles_per_slide,
-            default_mpp=opts.default_mpp,
+            options=opts.slide_options,
         )
         typer.echo(f"parity tiles: {len(tiles)} from {len(tiles.bags)} source(s)", err=True)
         for skipped, why in tiles.skipped.items():
@@ -186,7 +198,7 @@ def export_cmd(
 ) -> None:
     """Export the student of a training checkpoint (EMA weights) and its slide heads."""
     opts = {k: v for k, v in locals().items() if k not in ("checkpoint", "ema")}
-    _run_export("training", checkpoint, _ExportOptions(**opts), ema=ema)
+    _run_export("training", checkpoint, _ExportOptions.from_cli(opts), ema=ema)
 
 
 @app.command("import-xmag")
@@ -218,7 +230,7 @@ def import_xmag_cmd(
 ) -> None:
     """Import the official XMAG checkpoint (DINOv2 layout) and export it as a package."""
     opts = {k: v for k, v in locals().items() if k != "checkpoint"}
-    _run_export("xmag", checkpoint, _ExportOptions(trained=True, **opts), ema=True)
+    _run_export("xmag", checkpoint, _ExportOptions.from_cli({**opts, "trained": True}), ema=True)
 
 
 @app.command("trt-bench")
@@ -251,6 +263,64 @@ def trt_bench_cmd(
     if any(not r.parity_ok for r in rows):
         typer.echo("error: parity below threshold on at least one provider", err=True)
         raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_cmd(
+    slides_dir: Annotated[
+        Path, typer.Option(help="folder of the demo slides (the repository's test slides)")
+    ],
+    out: Annotated[Path, typer.Option(help="run folder: checkpoint, report")] = Path("runs/demo"),
+    package: Annotated[
+        Path | None, typer.Option(help="model package folder to export to (replaces a demo)")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="distillation steps")] = 250,
+    seed: int = 0,
+) -> None:
+    """Build the demo student and modality head offline from the real slides; export a package."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from model_export.demo import DemoConfig, run_demo
+
+    if not slides_dir.is_dir():
+        typer.echo(
+            f"error: --slides-dir {slides_dir} is not a folder (relative paths start at "
+            f"{Path.cwd()}); pass the folder of the test slides.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    cfg = DemoConfig(out=out, package=package, steps=steps, slides_dir=slides_dir, seed=seed)
+    console = Console(stderr=True)
+    bar = Progress(
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+
+    try:
+        with bar:
+            report = run_demo(cfg, progress)
+    except XmagError as exc:
+        _fail(exc)
+    lc, ho = report["loss_curve"], report["heldout_agreement_after"]
+    mh = report["modality_head"]
+    console.print(
+        f"loss {lc['first_10pct_mean']:.4f} -> {lc['last_10pct_mean']:.4f}; held-out global "
+        f"cosine {ho['global_cosine']['mean']:.4f} (predict-the-mean baseline "
+        f"{ho['constant_baseline_cosine']['mean']:.4f}); modality accuracy (leave-one-slide-out) "
+        f"{mh['correct']}/{mh['n_slides']}; report {out / 'report.md'}"
+    )
+    if "package" in report:
+        console.print(f"package {report['package']['path']}: {report['package']['parity']}")
 
 
 def main() -> None:

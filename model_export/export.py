@@ -13,6 +13,7 @@ fails, the report is kept beside ``out_dir`` as ``<name>.parity-failed.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -34,19 +35,15 @@ from model_export.package_writer import (
     HeadEntry,
     build_card,
     finalise_package,
+    input_spec,
     staging_dir,
 )
-from model_export.parity import (
-    HeadUnderTest,
-    ParityReport,
-    ParityTiles,
-    normalise_tiles,
-    raise_on_failure,
-    run_parity,
-)
+from model_export.parity import HeadUnderTest, ParityReport, raise_on_failure, run_parity
+from model_export.parity_tiles import ParityTiles
 from model_export.quantize import Int8Mode, quantize_int8, to_fp16
 from xmag.errors import ModelPackageError
 from xmag.package import ModelPackage
+from xmag.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -56,12 +53,11 @@ __all__ = [
     "export_package",
     "from_training",
     "from_xmag_release",
+    "lineage_text",
     "load_head_file",
 ]
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -141,9 +137,39 @@ def from_training(
         mean=_triple(ckpt.get("mean") or cfg_student.get("mean") or IMAGENET_MEAN),
         std=_triple(ckpt.get("std") or cfg_student.get("std") or IMAGENET_STD),
         heads=tuple(heads),
-        notes=f"exported from {path.name} ({'EMA' if ema else 'raw'} student, step "
-        f"{ckpt.get('step', '?')})",
+        notes=f"exported from {path.name} ({'EMA' if ema else 'raw'} student); lineage: "
+        + lineage_text(ckpt),
     )
+
+
+def lineage_text(ckpt: Mapping[str, Any]) -> str:
+    """The checkpoint's history in one line: ``distill (250 of 250 steps, handcrafted teacher)
+    -> mil head 'slide' (7 slides, 2-fold AUC 0.81) -> finetune (200 steps, head carried)``.
+
+    Checkpoints without a ``lineage`` (older ones) are described by their distillation step.
+    """
+    stages = ckpt.get("lineage") or [{"stage": "distill", "step": ckpt.get("step", "?")}]
+    parts = []
+    for st in stages:
+        kind = st.get("stage")
+        if kind == "distill":
+            extra = f" of {st['steps']}" if "steps" in st else ""
+            teacher = f", teacher {st['teacher']}" if st.get("teacher") else ""
+            parts.append(f"distill ({st.get('step', '?')}{extra} steps{teacher})")
+        elif kind == "mil":
+            auc = st.get("mean_auc")
+            cv = f", {st.get('folds')}-fold AUC {auc:.3f}" if isinstance(auc, float) else ""
+            parts.append(f"mil head {st.get('head')!r} ({st.get('slides')} slides{cv})")
+        elif kind == "finetune":
+            dropped = st.get("dropped_heads") or []
+            note = f", dropped stale heads {dropped}" if dropped else ""
+            parts.append(
+                f"finetune ({st.get('step')} steps, head {st.get('head')!r} "
+                f"{st.get('head_start', '')}{note})"
+            )
+        else:
+            parts.append(str(kind))
+    return " -> ".join(parts)
 
 
 def from_xmag_release(path: Path, *, extra_heads: Sequence[Path] = ()) -> ExportSource:
@@ -269,6 +295,25 @@ def export_package(
             reason="exists",
             path=out_dir,
         )
+    info = CardInfo(
+        name=name,
+        version=version,
+        trained=trained,
+        description=description,
+        arch_tag=source.arch_tag,
+        params_m=round(sum(p.numel() for p in source.model.parameters()) / 1e6, 2),
+        tile_px=source.tile_px,
+        target_mpp=source.target_mpp,
+        mean=source.mean,
+        std=source.std,
+        notes=source.notes,
+        **dict(card_extra or {}),
+    )
+    # The engine's preprocessing of this card: parity and int8 calibration see what it serves.
+    preprocessor = Preprocessor.from_spec(input_spec(info))
+    calibration = None
+    if "int8" in chosen and int8_mode is Int8Mode.STATIC:
+        calibration = preprocessor((calibration_tiles or tiles).pixels)
     timings: dict[str, float] = {}
     stage = staging_dir(out_dir)
     try:
@@ -278,7 +323,7 @@ def export_package(
             chosen,
             with_patch_tokens,
             int8_mode,
-            calibration_tiles or tiles,
+            calibration,
             opset,
             timings,
             log,
@@ -288,8 +333,7 @@ def export_package(
             source.model,
             {v: stage / VARIANT_FILES[v] for v in chosen},
             tiles,
-            mean=source.mean,
-            std=source.std,
+            preprocessor=preprocessor,
             target_mpp=source.target_mpp,
             heads=[
                 HeadUnderTest(h.entry.name, h.module, stage / h.entry.file) for h in source.heads
@@ -306,23 +350,9 @@ def export_package(
             shutil.copyfile(report_path, kept)
             raise_on_failure(report, kept)
         extra = _copy_extra_files(stage, extra_files or {})
-        info = CardInfo(
-            name=name,
-            version=version,
-            trained=trained,
-            description=description,
-            arch_tag=source.arch_tag,
-            params_m=round(sum(p.numel() for p in source.model.parameters()) / 1e6, 2),
-            tile_px=source.tile_px,
-            target_mpp=source.target_mpp,
-            mean=source.mean,
-            std=source.std,
-            notes=source.notes,
-            **dict(card_extra or {}),
-        )
         card = build_card(
             stage,
-            info,
+            dataclasses.replace(info, notes=_with_spread(info.notes, report)),
             embed_dim=files["embed_dim"],
             with_patch_tokens=with_patch_tokens,
             variants=chosen,
@@ -343,7 +373,7 @@ def _export_graphs(
     variants: Sequence[str],
     with_patch_tokens: bool,
     int8_mode: Int8Mode,
-    calibration: ParityTiles,
+    calibration: np.ndarray | None,
     opset: int,
     timings: dict[str, float],
     log: Callable[[str], None],
@@ -370,14 +400,11 @@ def _export_graphs(
         log("fp16 variant written")
     if "int8" in variants:
         t0 = time.perf_counter()
-        calib = None
-        if int8_mode is Int8Mode.STATIC:
-            calib = normalise_tiles(calibration.pixels, source.mean, source.std)
         quantize_int8(
             stage / VARIANT_FILES["fp32"],
             stage / VARIANT_FILES["int8"],
             mode=int8_mode,
-            calibration_tiles=calib,
+            calibration_tiles=calibration,
         )
         timings["export_int8"] = time.perf_counter() - t0
         log(f"int8 variant written ({int8_mode.value})")
@@ -413,11 +440,29 @@ def _copy_extra_files(stage: Path, files: Mapping[str, Path]) -> list[str]:
 
 def _parity_line(report: ParityReport) -> str:
     parts = [
-        f"{v.variant} min cos {v.min_cosine:.6f} ({'ok' if v.passed else 'FAIL'} >= {v.threshold})"
+        f"{v.variant} min cos {v.min_cosine:.6f}, centred {v.centred_min_cosine:.4f}, rel err "
+        f"{v.max_relative_error:.4f}, nn {v.nn_agreement:.2f} ({'ok' if v.passed else 'FAIL'})"
         for v in report.variants
     ]
+    if report.reference_spread.get("collapsed"):
+        parts.append(
+            "WARNING the PyTorch model itself is collapsed (effective rank "
+            f"{report.reference_spread['effective_rank']:.2f}): its embeddings are near one vector"
+        )
     parts += [f"head {h.head} agreement {json.dumps(h.agreement)}" for h in report.heads]
     return f"parity on {report.n_tiles} tiles: " + "; ".join(parts)
+
+
+def _with_spread(notes: str, report: ParityReport) -> str:
+    """The card's notes plus the spread of the encoder's embeddings on the parity tiles."""
+    sp = report.reference_spread
+    text = (
+        f"embedding spread on {report.n_tiles} parity tiles: effective rank "
+        f"{sp['effective_rank']:.2f}, mean pairwise cosine {sp['mean_pairwise_cosine']:.3f}"
+    )
+    if sp.get("collapsed"):
+        text += " - COLLAPSED: the encoder outputs nearly one vector, its embeddings carry little"
+    return f"{notes}; {text}" if notes else text
 
 
 def _triple(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:

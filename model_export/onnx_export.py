@@ -44,6 +44,7 @@ __all__ = [
     "check_onnx",
     "export_encoder",
     "export_mil_head",
+    "strip_build_metadata",
 ]
 
 DEFAULT_OPSET = 18
@@ -159,6 +160,7 @@ def export_encoder(
         opset=opset,
     )
     _name_dynamic_axes(out_path, {ENCODER_INPUT: 0, **dict.fromkeys(names, 0)}, "batch")
+    strip_build_metadata(out_path)
     check_onnx(out_path)
     return EncoderGraph(out_path, img_px, int(cls.shape[-1]), n_patch, opset)
 
@@ -193,6 +195,7 @@ def export_mil_head(
         opset=opset,
     )
     _name_dynamic_axes(out_path, {HEAD_INPUT: 0, HEAD_OUTPUTS[1]: 0}, "n_tiles")
+    strip_build_metadata(out_path)
     check_onnx(out_path)
     return HeadGraph(out_path, in_dim, int(probabilities.shape[0]), opset)
 
@@ -270,6 +273,67 @@ def _name_dynamic_axes(path: Path, axes: dict[str, int], name: str) -> None:
                 changed = True
     if changed:  # the exporter usually names them after the torch.export Dim already
         onnx.save(model, str(path))
+
+
+def strip_build_metadata(path: Path) -> bool:
+    """Remove what the exporter records about the build machine from an ONNX file, in place.
+
+    torch.export writes, on every node, the Python stack trace that created it (absolute paths
+    of the build's source files and virtual environment), the FX node text and module scopes;
+    on the graph, the ExportedProgram signature with generated symbol names. None of it is read
+    by ONNX Runtime or TensorRT, and it makes the bytes (and the card's sha256) depend on the
+    folder and machine the export ran on. Node, graph, function and value-info
+    ``metadata_props`` and ``doc_string`` are cleared, in subgraphs too.
+
+    Returns:
+        True when the file was rewritten.
+    """
+    model = onnx.load(str(path))
+    changed = _strip_model(model)
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
+def _strip_model(model: onnx.ModelProto) -> bool:
+    changed = _clear(model)
+    changed |= _strip_graph(model.graph)
+    for fn in model.functions:
+        changed |= _clear(fn)
+        for node in fn.node:
+            changed |= _strip_node(node)
+    return changed
+
+
+def _strip_graph(graph: onnx.GraphProto) -> bool:
+    changed = _clear(graph)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        changed |= _clear(value)
+    for node in graph.node:
+        changed |= _strip_node(node)
+    return changed
+
+
+def _strip_node(node: onnx.NodeProto) -> bool:
+    changed = _clear(node)
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            changed |= _strip_graph(attr.g)
+        for sub in attr.graphs:
+            changed |= _strip_graph(sub)
+    return changed
+
+
+def _clear(proto: object) -> bool:
+    changed = False
+    props = getattr(proto, "metadata_props", None)
+    if props is not None and len(props):
+        del props[:]
+        changed = True
+    if getattr(proto, "doc_string", ""):
+        proto.doc_string = ""  # type: ignore[attr-defined]
+        changed = True
+    return changed
 
 
 def _first_line(exc: BaseException) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "HeadEntry",
     "build_card",
     "finalise_package",
+    "input_spec",
     "staging_dir",
 ]
 
@@ -117,6 +118,19 @@ class CardInfo:
     intended_use: str = ""
 
 
+def input_spec(info: CardInfo) -> InputSpec:
+    """The card's input section: what the engine's ``Preprocessor`` (and parity) is built from."""
+    return InputSpec(
+        name=ENCODER_INPUT,
+        tile_px=info.tile_px,
+        target_mpp=info.target_mpp,
+        channel_order="RGB",
+        mean=info.mean,
+        std=info.std,
+        dtype="float32",  # every variant keeps float32 input and output
+    )
+
+
 def staging_dir(out_dir: Path) -> Path:
     """A fresh sibling folder to build the package in (same filesystem, so the move is atomic)."""
     out_dir = Path(out_dir)
@@ -161,15 +175,7 @@ def build_card(
             trained=info.trained,
             description=info.description,
             architecture=Architecture(tag=info.arch_tag, params_m=info.params_m, notes=info.notes),
-            input=InputSpec(
-                name=ENCODER_INPUT,
-                tile_px=info.tile_px,
-                target_mpp=info.target_mpp,
-                channel_order="RGB",
-                mean=info.mean,
-                std=info.std,
-                dtype="float32",  # every variant keeps float32 input and output
-            ),
+            input=input_spec(info),
             outputs=OutputSpec(
                 embedding=EmbeddingOutput(name=ENCODER_OUTPUT, dim=embed_dim),
                 patch_tokens=PATCH_OUTPUT if with_patch_tokens else None,

@@ -1,91 +1,112 @@
 """Parity of every exported variant with the PyTorch model, on real tiles read from slides.
 
 For each variant (fp32, fp16, int8) the tile embeddings of ONNX Runtime are compared with the
-PyTorch model's by cosine similarity, tile by tile; the minimum over tiles must reach the
-variant's threshold (fp32 0.9999, fp16 0.999, int8 0.98) or the export fails. Slide heads are run
-on each slide's bag of embeddings: their prediction (arg-max class) must agree with the PyTorch
-head on the PyTorch embeddings, and the fp32 head graph must reproduce PyTorch on the same bag.
+PyTorch model's, tile by tile, on what a user of the embeddings relies on:
 
-Tiles come from the core exactly as the engine will see them: ``plan_slide`` at the card's tile
-size and mpp, then ``read_tile`` of kept tiles; plus single tile images (e.g. NCT-CRC-HE patches)
-area-resized to the tile size. Preprocessing follows the card: RGB, /255, (x - mean) / std, NCHW.
+- cosine (the minimum over tiles must reach ``THRESHOLDS``: fp32 0.9999, fp16 0.999, int8 0.98);
+- *centred* cosine, after subtracting the PyTorch mean embedding of the parity tiles
+  (``CENTRED_THRESHOLDS``): embeddings share a large common direction, so a variant that outputs
+  one constant vector can pass the plain cosine; it cannot pass this one;
+- relative error: ``|variant - torch|`` over the RMS distance of the PyTorch embeddings to their
+  mean (``MAX_RELATIVE_ERROR``, the worst tile);
+- nearest-neighbour agreement: the fraction of tiles whose nearest other tile (centred cosine)
+  is the same as PyTorch's (``MIN_NN_AGREEMENT``);
+- the spread of each variant's embeddings (``training.spread``), which flags a collapsed output.
+
+Any miss fails the export. Slide heads are run on each slide's bag of embeddings: their prediction
+(arg-max class) must agree with the PyTorch head on the PyTorch embeddings for the share of bags
+in ``MIN_HEAD_AGREEMENT``, and the fp32 head graph must reproduce PyTorch on the same bag. The
+spread of the PyTorch embeddings themselves is reported (``reference_spread``): a collapsed
+student exports faithfully, and the report says it is collapsed.
+
+Tiles are collected by ``model_export.parity_tiles`` (the core's tile reads, as the engine sees
+them); this module only compares. Model input is made by the core's ``Preprocessor`` built from the
+package card's input spec, the very preprocessing the engine runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import platform
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from model_export.errors import ExportError, ParityError
+from model_export.errors import ParityError
 from model_export.onnx_export import (
     ENCODER_INPUT,
     ENCODER_OUTPUT,
     HEAD_INPUT,
     EncoderForExport,
 )
-from xmag.errors import SlideError
-from xmag.params import TilingParams
-from xmag.plan import plan_slide
-from xmag.readers import open_slide
-from xmag.tiles import read_tile
+from model_export.parity_tiles import ParityTiles
+from training.spread import centred_cosine_rows, embedding_spread
+from xmag.preprocess import Preprocessor
 
 __all__ = [
+    "CENTRED_THRESHOLDS",
+    "MAX_RELATIVE_ERROR",
+    "MIN_HEAD_AGREEMENT",
+    "MIN_NN_AGREEMENT",
     "PARITY_REPORT_FORMAT",
     "THRESHOLDS",
     "HeadParity",
     "HeadUnderTest",
     "ParityReport",
-    "ParityTiles",
     "VariantParity",
-    "collect_parity_tiles",
     "cosine_rows",
     "make_session",
-    "normalise_tiles",
     "onnx_embeddings",
     "raise_on_failure",
     "run_parity",
     "torch_embeddings",
 ]
 
-PARITY_REPORT_FORMAT = "xmag-parity-report/1"
+PARITY_REPORT_FORMAT = "xmag-parity-report/2"
 # Minimum per-tile cosine to PyTorch for each variant (issue 6).
 THRESHOLDS: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
+# Minimum per-tile cosine after subtracting the PyTorch mean embedding (issue 15).
+CENTRED_THRESHOLDS: dict[str, float] = {"fp32": 0.999, "fp16": 0.99, "int8": 0.9}
+# Largest per-tile |variant - torch| / RMS |torch - mean torch| (issue 15).
+MAX_RELATIVE_ERROR: dict[str, float] = {"fp32": 0.02, "fp16": 0.1, "int8": 0.5}
+# Smallest share of tiles whose nearest neighbour (centred cosine) matches PyTorch's.
+MIN_NN_AGREEMENT: dict[str, float] = {"fp32": 0.9, "fp16": 0.8, "int8": 0.5}
+# Smallest share of parity bags whose head prediction matches PyTorch's.
+MIN_HEAD_AGREEMENT: dict[str, float] = {"fp32": 1.0, "fp16": 1.0, "int8": 0.5}
 HEAD_FP32_ATOL = 1e-4  # the fp32 head graph vs PyTorch on the same bag (probabilities)
-DEFAULT_TILES_PER_SLIDE = 16
 _PARITY_BATCH = 8
-_PATCH_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+# Names that moved to model_export.parity_tiles (collection is split from comparison).
+_MOVED_TO_PARITY_TILES = ("DEFAULT_TILES_PER_SLIDE", "collect_parity_tiles")
 
 
-@dataclass(frozen=True)
-class ParityTiles:
-    """Real tiles for parity checks.
-
-    Attributes:
-        pixels: (n, tile_px, tile_px, 3) uint8 RGB at the target mpp.
-        sources: n labels, ``<file name>#<grid index>`` or ``<file name>`` for patch images.
-        bags: bag name (slide file name) -> row indices into ``pixels``; heads run per bag.
-        skipped: file -> why it gave no tile (error code and message, or "no tissue").
-    """
-
-    pixels: np.ndarray
-    sources: tuple[str, ...]
-    bags: dict[str, list[int]]
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.pixels.shape[0])
+def __getattr__(name: str) -> Any:
+    """Warning shims for the names that moved out of this module."""
+    if name in _MOVED_TO_PARITY_TILES:
+        warnings.warn(
+            f"model_export.parity.{name} moved to model_export.parity_tiles.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("model_export.parity_tiles"), name)
+    if name == "normalise_tiles":
+        warnings.warn(
+            "model_export.parity.normalise_tiles is replaced by the core's "
+            "xmag.preprocess.Preprocessor (Preprocessor.from_spec(card.input)(pixels))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return lambda pixels, mean, std: Preprocessor(mean=tuple(mean), std=tuple(std))(pixels)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class VariantParity(BaseModel):
@@ -102,7 +123,50 @@ class VariantParity(BaseModel):
     worst_tile: str
     patch_tokens_min_cosine: float | None = None
     max_abs_diff: float
+    centred_threshold: float
+    centred_min_cosine: float = Field(
+        description="per-tile cosine after subtracting the PyTorch mean embedding, minimum"
+    )
+    centred_mean_cosine: float
+    max_relative_error: float = Field(
+        description="worst |variant - torch| / RMS |torch - mean torch| over tiles"
+    )
+    relative_error_limit: float
+    nn_agreement: float = Field(
+        description="share of tiles whose nearest other tile (centred cosine) matches PyTorch's"
+    )
+    nn_agreement_limit: float
+    spread: dict[str, Any] = Field(
+        description="training.spread.embedding_spread of this variant (centred on PyTorch's mean)"
+    )
+    collapsed_unlike_reference: bool = Field(
+        False, description="this variant's embeddings are collapsed and PyTorch's are not"
+    )
     passed: bool
+
+    def failures(self) -> list[str]:
+        """One clause per check this variant missed."""
+        out = []
+        if not (math.isfinite(self.min_cosine) and self.min_cosine >= self.threshold):
+            out.append(
+                f"min cosine {self.min_cosine:.6f} < {self.threshold} (worst tile "
+                f"{self.worst_tile})"
+            )
+        if not self.centred_min_cosine >= self.centred_threshold:
+            out.append(
+                f"min centred cosine {self.centred_min_cosine:.4f} < {self.centred_threshold}"
+            )
+        if not self.max_relative_error <= self.relative_error_limit:
+            out.append(
+                f"relative error {self.max_relative_error:.4f} > {self.relative_error_limit}"
+            )
+        if not self.nn_agreement >= self.nn_agreement_limit:
+            out.append(
+                f"nearest-neighbour agreement {self.nn_agreement:.3f} < {self.nn_agreement_limit}"
+            )
+        if self.collapsed_unlike_reference:
+            out.append("its embeddings are collapsed (near one vector), PyTorch's are not")
+        return out
 
 
 class HeadParity(BaseModel):
@@ -120,6 +184,7 @@ class HeadParity(BaseModel):
         description="variant -> fraction of bags whose predicted class matches PyTorch's"
     )
     max_prob_diff: dict[str, float]
+    agreement_limit: dict[str, float] = Field(default_factory=dict)
     passed: bool
 
 
@@ -134,10 +199,19 @@ class ParityReport(BaseModel):
     onnxruntime_version: str
     machine: str
     n_tiles: int
+    preprocessing: dict[str, Any] | None = Field(
+        None,
+        description="the core Preprocessor the tiles went through (the card's input spec): "
+        "mean, std, channel_order, dtype",
+    )
     tile_px: int
     target_mpp: float
     sources: list[str]
     skipped: dict[str, str]
+    reference_spread: dict[str, Any] = Field(
+        description="spread of the PyTorch embeddings of the parity tiles; collapsed = True "
+        "means the model itself outputs (nearly) one vector, however faithful the export"
+    )
     variants: list[VariantParity]
     heads: list[HeadParity]
     passed: bool
@@ -145,123 +219,22 @@ class ParityReport(BaseModel):
     def failures(self) -> list[str]:
         """One sentence per failed check."""
         out = [
-            f"{v.variant} ({v.file}): min cosine {v.min_cosine:.6f} < {v.threshold} "
-            f"(worst tile {v.worst_tile})"
+            f"{v.variant} ({v.file}): " + ", ".join(v.failures())
             for v in self.variants
             if not v.passed
         ]
-        out += [
-            f"head {h.head}: fp32 graph differs from PyTorch by {h.fp32_graph_max_abs_diff:.2e}"
-            for h in self.heads
-            if not h.passed
-        ]
+        for h in self.heads:
+            if h.passed:
+                continue
+            if h.fp32_graph_max_abs_diff > HEAD_FP32_ATOL:
+                out.append(
+                    f"head {h.head}: fp32 graph differs from PyTorch by "
+                    f"{h.fp32_graph_max_abs_diff:.2e}"
+                )
+            low = {v: a for v, a in h.agreement.items() if a < h.agreement_limit.get(v, 0.0)}
+            if low:
+                out.append(f"head {h.head}: predictions agree with PyTorch on too few bags {low}")
         return out
-
-
-def collect_parity_tiles(
-    slides: Sequence[Path],
-    *,
-    tile_px: int,
-    target_mpp: float,
-    patches: Sequence[Path] = (),
-    tiles_per_slide: int = DEFAULT_TILES_PER_SLIDE,
-    default_mpp: float | None = None,
-) -> ParityTiles:
-    """Read real tiles as the engine will: plan at the card's mpp, ``read_tile`` of kept tiles.
-
-    Args:
-        slides: slide files (or DICOM folders); slides the core refuses are listed in
-            ``skipped`` with their error code, since a parity set only needs some real tissue.
-        tile_px: the model's tile side in pixels.
-        target_mpp: the model's um/px.
-        patches: single tile images (any size, area-resized to ``tile_px``); a folder means
-            every image in it.
-        tiles_per_slide: at most this many kept tiles per slide, spread evenly over the grid.
-        default_mpp: level-0 um/px assumed for slides that state none (else they are skipped).
-
-    Raises:
-        ExportError: no tile at all could be read (the parity check would prove nothing).
-    """
-    pixels: list[np.ndarray] = []
-    sources: list[str] = []
-    bags: dict[str, list[int]] = {}
-    skipped: dict[str, str] = {}
-    params = TilingParams(tile_px=tile_px, target_mpp=target_mpp, default_mpp=default_mpp)
-    for slide in slides:
-        try:
-            tiles = _slide_tiles(Path(slide), params, tiles_per_slide)
-        except SlideError as exc:  # recorded in the report, never hidden
-            skipped[Path(slide).name] = f"{exc.code}: {exc.message}"
-            continue
-        if not tiles:
-            skipped[Path(slide).name] = "no tissue tile at this mpp"
-            continue
-        rows = bags.setdefault(Path(slide).name, [])
-        for label, tile in tiles:
-            rows.append(len(pixels))
-            pixels.append(tile)
-            sources.append(label)
-    patch_files = _expand_patches(patches)
-    if patch_files:
-        rows = bags.setdefault("patches", [])
-        for path in patch_files:
-            rows.append(len(pixels))
-            pixels.append(_load_patch(path, tile_px))
-            sources.append(path.name)
-    if not pixels:
-        raise ExportError(
-            "no tile could be read for the parity check (slides: "
-            f"{', '.join(map(str, slides)) or 'none'}; skipped: {skipped}); give slides with "
-            "tissue and a known mpp, or --parity-patches.",
-            reason="parity_tiles",
-        )
-    return ParityTiles(np.stack(pixels), tuple(sources), bags, skipped)
-
-
-def _slide_tiles(
-    path: Path, params: TilingParams, tiles_per_slide: int
-) -> list[tuple[str, np.ndarray]]:
-    with open_slide(path) as reader:
-        plan = plan_slide(reader, params)
-        kept = plan.grid.kept_indices()
-        if len(kept) > tiles_per_slide:  # evenly spread, deterministic
-            kept = kept[np.linspace(0, len(kept) - 1, tiles_per_slide).round().astype(int)]
-        return [
-            (f"{path.name}#{int(i)}", read_tile(reader, plan.grid, plan.level, int(i)))
-            for i in kept
-        ]
-
-
-def _expand_patches(patches: Sequence[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in map(Path, patches):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in _PATCH_SUFFIXES))
-        else:
-            out.append(p)
-    return out
-
-
-def _load_patch(path: Path, tile_px: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(
-            f"parity patch {path} is not a readable image ({exc}).",
-            reason="parity_tiles",
-            path=path,
-        ) from exc
-    if rgb.shape[:2] != (tile_px, tile_px):
-        rgb = cv2.resize(rgb, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(rgb)
-
-
-def normalise_tiles(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 RGB (n, H, W, 3) -> float32 (n, 3, H, W): /255, minus mean, over std (per channel)."""
-    scaled = pixels.astype(np.float32) / np.float32(255.0)
-    x = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -270,6 +243,22 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a64 * b64).sum(-1)
     den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
     return num / np.maximum(den, 1e-30)
+
+
+def _nearest_other(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Index of each row's nearest other row by centred cosine (rows at the centre: index 0)."""
+    c = x.astype(np.float64) - centre
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    u = np.where(norms > 1e-30, c / np.maximum(norms, 1e-30), 0.0)
+    sims = u @ u.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argmax(sims, axis=1)
+
+
+def _relative_error(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    ref64 = ref.astype(np.float64)
+    scale = float(np.sqrt(((ref64 - ref64.mean(0)) ** 2).sum(1).mean()))
+    return np.linalg.norm(x.astype(np.float64) - ref64, axis=1) / max(scale, 1e-30)
 
 
 def torch_embeddings(
@@ -332,8 +321,7 @@ def run_parity(
     variants: dict[str, Path],
     tiles: ParityTiles,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    preprocessor: Preprocessor,
     target_mpp: float,
     heads: Sequence[HeadUnderTest] = (),
     with_patch_tokens: bool = True,
@@ -346,20 +334,25 @@ def run_parity(
     Args:
         model: the PyTorch encoder in eval mode (fp32).
         variants: variant name (``fp32``, ``fp16``, ``int8``) -> its ONNX file.
-        tiles: real tiles (see ``collect_parity_tiles``).
-        mean, std: the card's normalisation.
+        tiles: real tiles (see ``model_export.parity_tiles.collect_parity_tiles``).
+        preprocessor: the card's preprocessing (``Preprocessor.from_spec(card.input)``), what
+            the engine runs before the graph.
         target_mpp: recorded in the report.
         heads: slide heads to check on each bag.
         with_patch_tokens: the graphs output patch tokens (compared too, reported only).
-        thresholds: per-variant minimum cosine (default ``THRESHOLDS``).
+        thresholds: per-variant minimum cosine (default ``THRESHOLDS``); the centred,
+            relative-error and neighbour limits are the module's constants.
         provider: ONNX Runtime provider to run the variants on.
         embed_fn: replaces ``onnx_embeddings`` (the TensorRT bench passes its own sessions).
     """
     limits = {**THRESHOLDS, **(thresholds or {})}
-    x = normalise_tiles(tiles.pixels, mean, std)
+    x = preprocessor(tiles.pixels)
     ref_cls, ref_patch = torch_embeddings(model, x, with_patch_tokens=with_patch_tokens)
     results: list[VariantParity] = []
     outputs: dict[str, np.ndarray] = {}
+    centre = ref_cls.astype(np.float64).mean(0)
+    ref_spread = embedding_spread(ref_cls)
+    ref_nn = _nearest_other(ref_cls, centre) if len(ref_cls) > 2 else None
     for name, path in variants.items():
         if embed_fn is not None:
             cls, patch = embed_fn(path, x)
@@ -372,20 +365,34 @@ def run_parity(
         if patch is not None and ref_patch is not None:
             patch_min = float(cosine_rows(patch, ref_patch).min())
         limit = limits[name]
-        results.append(
-            VariantParity(
-                variant=name,
-                file=path.name,
-                provider=provider,
-                threshold=limit,
-                min_cosine=float(cos.min()),
-                mean_cosine=float(cos.mean()),
-                worst_tile=tiles.sources[worst],
-                patch_tokens_min_cosine=patch_min,
-                max_abs_diff=float(np.abs(cls - ref_cls).max()),
-                passed=bool(math.isfinite(cos.min()) and cos.min() >= limit),
-            )
+        centred = centred_cosine_rows(cls, ref_cls, centre)
+        rel = _relative_error(cls, ref_cls)
+        nn_agree = (
+            float(np.mean(_nearest_other(cls, centre) == ref_nn)) if ref_nn is not None else 1.0
         )
+        spread = embedding_spread(cls, centre=centre)
+        vp = VariantParity(
+            variant=name,
+            file=path.name,
+            provider=provider,
+            threshold=limit,
+            min_cosine=float(cos.min()),
+            mean_cosine=float(cos.mean()),
+            worst_tile=tiles.sources[worst],
+            patch_tokens_min_cosine=patch_min,
+            max_abs_diff=float(np.abs(cls - ref_cls).max()),
+            centred_threshold=CENTRED_THRESHOLDS.get(name, max(CENTRED_THRESHOLDS.values())),
+            centred_min_cosine=float(centred.min()),
+            centred_mean_cosine=float(centred.mean()),
+            max_relative_error=float(rel.max()),
+            relative_error_limit=MAX_RELATIVE_ERROR.get(name, min(MAX_RELATIVE_ERROR.values())),
+            nn_agreement=nn_agree,
+            nn_agreement_limit=MIN_NN_AGREEMENT.get(name, max(MIN_NN_AGREEMENT.values())),
+            spread=spread,
+            collapsed_unlike_reference=bool(spread["collapsed"] and not ref_spread["collapsed"]),
+            passed=False,
+        )
+        results.append(vp.model_copy(update={"passed": not vp.failures()}))
     head_results = [_head_parity(h, tiles, ref_cls, outputs) for h in heads]
     return ParityReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -393,10 +400,17 @@ def run_parity(
         onnxruntime_version=ort.__version__,
         machine=f"{platform.machine()} {platform.processor() or platform.system()}",
         n_tiles=len(tiles),
+        preprocessing={
+            "mean": list(preprocessor.mean),
+            "std": list(preprocessor.std),
+            "channel_order": preprocessor.channel_order,
+            "dtype": preprocessor.dtype,
+        },
         tile_px=int(tiles.pixels.shape[1]),
         target_mpp=target_mpp,
         sources=list(tiles.sources),
         skipped=dict(tiles.skipped),
+        reference_spread=ref_spread,
         variants=results,
         heads=head_results,
         passed=all(r.passed for r in results) and all(h.passed for h in head_results),
@@ -422,14 +436,17 @@ def _head_parity(
             prob = session.run(None, {HEAD_INPUT: np.ascontiguousarray(cls[rows])})[0]
             agree[name].append(int(prob.argmax()) == int(ref_prob.argmax()))
             prob_diff[name] = max(prob_diff[name], float(np.abs(prob - ref_prob).max()))
+    agreement = {name: float(np.mean(v)) if v else 1.0 for name, v in agree.items()}
+    limits = {name: MIN_HEAD_AGREEMENT.get(name, 1.0) for name in outputs}
     return HeadParity(
         head=head.name,
         file=head.path.name,
         n_bags=len(tiles.bags),
         fp32_graph_max_abs_diff=graph_diff,
-        agreement={name: float(np.mean(v)) if v else 1.0 for name, v in agree.items()},
+        agreement=agreement,
         max_prob_diff=prob_diff,
-        passed=graph_diff <= HEAD_FP32_ATOL,
+        agreement_limit=limits,
+        passed=graph_diff <= HEAD_FP32_ATOL and all(agreement[n] >= limits[n] for n in agreement),
     )
 
 

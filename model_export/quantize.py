@@ -36,7 +36,7 @@ from onnxruntime.quantization import (
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from model_export.errors import ExportError
-from model_export.onnx_export import ENCODER_INPUT, check_onnx
+from model_export.onnx_export import ENCODER_INPUT, check_onnx, strip_build_metadata
 
 __all__ = [
     "Int8Mode",
@@ -71,6 +71,7 @@ def to_fp16(src: Path, dst: Path) -> Path:
     half = convert_float_to_float16(model, keep_io_types=True)
     topological_sort(half.graph)
     onnx.save(half, str(dst))
+    strip_build_metadata(dst)
     check_onnx(dst)
     return dst
 
@@ -95,6 +96,7 @@ def quantize_int8(
     """
     with _quiet_quantizer():
         _quantize(src, dst, mode, calibration_tiles)
+    strip_build_metadata(dst)  # the quantizer may record its own build details
     check_onnx(dst)
     return dst
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -44,10 +45,11 @@ def _settings(data_dir: Path | None, model: Path | None) -> Any:
 class _WorkerSupervisor(threading.Thread):
     """Keeps ``count`` worker processes running; restarts one that exits (with backoff)."""
 
-    def __init__(self, count: int, env: dict[str, str]) -> None:
+    def __init__(self, count: int, env: dict[str, str], devices: Sequence[str] = ()) -> None:
         super().__init__(name="xmag-worker-supervisor", daemon=True)
         self.count = count
         self.env = env
+        self.devices = list(devices)  # XMAG_GPU_DEVICES: worker i gets devices[i % len]
         self.stopping = threading.Event()
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * count
         self.failures = [0] * count
@@ -58,9 +60,11 @@ class _WorkerSupervisor(threading.Thread):
         # The kernel stops a worker if `xmag serve` dies hard (the signal follows this thread,
         # which lives as long as the supervisor does). Its own session keeps a terminal's Ctrl-C
         # (SIGINT to the whole foreground group) away from it: `serve` stops workers in order.
+        from xmag.runtime import worker_device_env
+
         self.processes[slot] = subprocess.Popen(
             [sys.executable, "-m", "service", "worker"],
-            env=self.env,
+            env={**self.env, **worker_device_env(slot, self.devices)},
             preexec_fn=die_with_parent,
             start_new_session=True,
         )
@@ -123,6 +127,7 @@ def serve(
     from service.embedded_redis import EmbeddedRedis
     from service.logs import configure_logging
     from service.queue import redis_client
+    from service.server import server_config
 
     settings = _settings(data_dir, model)
     configure_logging(settings.log_level)
@@ -143,15 +148,14 @@ def serve(
         if workers:
             env = {**os.environ, "REDIS_URL": url, "XMAG_DATA_DIR": str(settings.data_dir)}
             env["XMAG_MODEL_DIR"] = str(settings.model_dir)
-            supervisor = _WorkerSupervisor(workers, env)
+            supervisor = _WorkerSupervisor(workers, env, settings.engine.gpu_devices)
             supervisor.start()
         # uvicorn handles SIGTERM itself, then restores the previous handler and raises the
         # signal again: with the default handler that kills this process before the `finally`
         # below stops the workers and the embedded Redis. This handler turns it into SystemExit.
         signal.signal(signal.SIGTERM, _exit_on_signal)
-        uvicorn.run(
-            create_app(settings, url), host=host, port=port, log_config=None, access_log=False
-        )
+        # Header, body and keep-alive timeouts, size and concurrency limits (service.server).
+        uvicorn.Server(server_config(create_app(settings, url), host=host, port=port)).run()
     finally:
         if supervisor is not None:
             supervisor.stop(timeout_s=settings.worker_shutdown_grace_s)
@@ -185,6 +189,11 @@ def worker(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``worker`` to the ``xmag`` CLI."""
+    """Add ``serve``, ``worker`` and ``keys`` to the ``xmag`` CLI."""
+    import service.settings  # noqa: F401 - registers its XMAG_ variables with xmag.settings
+
     app.command("serve")(serve)
     app.command("worker")(worker)
+    from service.keys_cli import keys_app
+
+    app.add_typer(keys_app, name="keys")

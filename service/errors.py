@@ -16,6 +16,7 @@
         ├── NotFoundError                  NOT_FOUND (slide, batch, artifact)
         ├── ResultNotReadyError            RESULT_NOT_READY (the job has not succeeded yet)
         ├── JobNotCancelableError          JOB_NOT_CANCELABLE (the job already finished)
+        ├── SlideInUseError                SLIDE_IN_USE (delete refused: its jobs still run)
         ├── JobTimeLimitError              JOB_TIME_LIMIT (a job ran past its time limit)
         ├── AttemptsExhaustedError         ATTEMPTS_EXHAUSTED (dead-lettered: crashed or failed
         │                                  transiently on every attempt)
@@ -45,6 +46,7 @@ __all__ = [
     "ResultNotReadyError",
     "ServiceError",
     "ServiceUnavailableError",
+    "SlideInUseError",
     "SlideReferenceError",
     "UnknownTaskError",
     "UploadTooLargeError",
@@ -109,6 +111,10 @@ class ResultNotReadyError(ServiceError):
 
 class JobNotCancelableError(ServiceError):
     code = "JOB_NOT_CANCELABLE"
+
+
+class SlideInUseError(ServiceError):
+    code = "SLIDE_IN_USE"
 
 
 class JobTimeLimitError(ServiceError):

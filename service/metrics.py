@@ -12,6 +12,8 @@ Keys::
     {ns}:metrics:job_seconds        HASH "le:<bound>" -> cumulative count, "sum", "count"
     {ns}:metrics:stage_seconds      HASH "<stage>|le:<bound>", "<stage>|sum", "<stage>|count"
     {ns}:metrics:tiles              HASH "tiles" -> tiles embedded, "seconds" -> time embedding them
+    {ns}:metrics:cache              HASH "hits" -> succeeded jobs answered from the result store
+                                         (they add no tiles and no stage seconds)
 
 Job states and queue depth are read live from the job indexes and Dramatiq's queues at scrape time.
 """
@@ -57,8 +59,13 @@ def record_job(
     stage_seconds: Mapping[str, float] | None = None,
     tiles: int = 0,
     tiles_seconds: float = 0.0,
+    cache_hit: bool = False,
 ) -> None:
-    """Add one finished job's figures (called by the worker's metrics middleware)."""
+    """Add one finished job's figures (called by the worker's metrics middleware).
+
+    Args:
+        cache_hit: the job's result was found in the result store (counted as a hit).
+    """
     base = f"{namespace}:metrics"
     with client.pipeline(transaction=False) as pipe:
         pipe.hincrby(f"{base}:jobs_finished", state, 1)
@@ -69,6 +76,8 @@ def record_job(
         if tiles:
             pipe.hincrby(f"{base}:tiles", "tiles", tiles)
             pipe.hincrbyfloat(f"{base}:tiles", "seconds", tiles_seconds)
+        if cache_hit:
+            pipe.hincrby(f"{base}:cache", "hits", 1)
         pipe.execute()
 
 
@@ -125,6 +134,13 @@ class RedisMetricsCollector(Collector):
         for state in (s.value for s in JobState if s not in (JobState.QUEUED, JobState.RUNNING)):
             finished.add_metric([state], float(counts.get(state, 0)))
         yield finished
+
+        hits = decode_hash(self.r.hgetall(f"{self.ns}:metrics:cache"))
+        yield CounterMetricFamily(
+            "xmag_jobs_cache_hits",
+            "Jobs answered from the result store without opening their slide.",
+            value=float(hits.get("hits", 0)),
+        )
 
         job_fields = decode_hash(self.r.hgetall(f"{self.ns}:metrics:job_seconds"))
         buckets, total = _histogram(job_fields, JOB_BUCKETS_S)

@@ -8,6 +8,8 @@ missing here, so a new error class cannot ship without a status.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -15,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.logs import get_logger
 from xmag.errors import XmagError
@@ -22,6 +25,7 @@ from xmag.errors import XmagError
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
     "STATUS_BY_CODE",
+    "api_words",
     "install_problem_handlers",
     "problem_response",
     "status_for_code",
@@ -37,12 +41,15 @@ STATUS_BY_CODE: dict[str, int] = {
     "UNSUPPORTED_FORMAT": 422,
     "CORRUPT_SLIDE": 422,
     "REGION_READ_FAILED": 422,
+    "READ_BUDGET_EXCEEDED": 422,
+    "SLIDE_TOO_LARGE": 422,
     "UNKNOWN_MPP": 422,
     "INVALID_MPP": 422,
     "NO_TISSUE": 422,
     "MODEL_PACKAGE_INVALID": 500,
     "MODEL_CHECKSUM_MISMATCH": 500,
     "INFERENCE_FAILED": 500,
+    "INVALID_SETTINGS": 500,  # raised at startup, before any request; mapped for completeness
     "JOB_ERROR": 500,
     "JOB_CANCELED": 409,
     "JOB_NOT_FOUND": 404,
@@ -62,6 +69,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "NOT_FOUND": 404,
     "RESULT_NOT_READY": 409,
     "JOB_NOT_CANCELABLE": 409,
+    "SLIDE_IN_USE": 409,
     "JOB_TIME_LIMIT": 500,
     "ATTEMPTS_EXHAUSTED": 500,
     "SERVICE_UNAVAILABLE": 503,
@@ -72,6 +80,43 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 _log = get_logger("service.problems")
+
+#: CLI flags in the core's messages, and the job option (API word) each stands for.
+_CLI_FLAGS = {"--mpp": "mpp_override", "--default-mpp": "default_mpp"}
+#: Server settings named in messages, as a client knows them (it cannot see the settings).
+_SETTING_WORDS = {
+    "XMAG_SLIDE_ROOTS": "the service's slide roots",
+    "XMAG_CALLBACK_ALLOWED_HOSTS": "the service's callback host allowlist",
+}
+_FLAG_RE = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+def api_words(
+    message: str, *, redact: Sequence[str] = (), names: Mapping[str, str] | None = None
+) -> str:
+    """A message in the API's words: CLI flags as ``options.<name>``, server settings described,
+    no server paths.
+
+    Args:
+        redact: server folders (data dir, slide roots) to hide: a path under one becomes its
+            part below the folder.
+        names: exact server paths -> the name the client knows (an upload's file name).
+    """
+    for path, name in (names or {}).items():
+        if path:
+            message = message.replace(path, name)
+    for folder in sorted((f.rstrip("/") for f in redact if f), key=len, reverse=True):
+        message = message.replace(folder + "/", "").replace(folder, "<server>")
+
+    def flag(match: re.Match[str]) -> str:
+        name = _CLI_FLAGS.get(match.group(0), match.group(1).replace("-", "_"))
+        return f"options.{name}"
+
+    for setting, words in _SETTING_WORDS.items():
+        message = message.replace(setting, words)
+    message = _FLAG_RE.sub(flag, message)
+    # "(options.mpp_override / mpp_override)" after the flag was replaced: say it once.
+    return re.sub(r"(options\.(\w+)) / \2\b", r"\1", message)
 
 
 def status_for_code(code: str) -> int:
@@ -117,11 +162,22 @@ def problem_response(
     )
 
 
-def error_response(exc: XmagError, *, instance: str | None = None) -> JSONResponse:
-    """The problem+json response for an XmagError (its code, message and fields)."""
+def error_response(
+    exc: XmagError, *, instance: str | None = None, redact: Sequence[str] = ()
+) -> JSONResponse:
+    """The problem+json response for an XmagError (its code, message and fields), in the API's
+    words and without server paths (``redact``: the server folders to hide)."""
     headers = {"WWW-Authenticate": 'Bearer realm="xmag"'} if exc.code == "UNAUTHENTICATED" else None
+    fields = {
+        k: api_words(v, redact=redact) if isinstance(v, str) else v
+        for k, v in (exc.fields or {}).items()
+    }
     return problem_response(
-        exc.code, exc.message, instance=instance, headers=headers, fields=exc.fields or None
+        exc.code,
+        api_words(exc.message, redact=redact),
+        instance=instance,
+        headers=headers,
+        fields=fields or None,
     )
 
 
@@ -131,12 +187,26 @@ def _http_code(status: int) -> str:
     )
 
 
-def install_problem_handlers(app: FastAPI) -> None:
-    """Turn every error the app can raise into problem+json."""
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def install_problem_handlers(app: FastAPI, *, redact: Sequence[str] = ()) -> None:
+    """Turn every error the app can raise into problem+json.
+
+    Args:
+        redact: server folders (data dir, slide roots) never shown in a message.
+    """
 
     async def on_xmag(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, XmagError)
-        return error_response(exc, instance=request.url.path)
+        return error_response(exc, instance=request.url.path, redact=redact)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -153,12 +223,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette's Allow names the first route of the path only; list every route's.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
         return problem_response(
             _http_code(exc.status_code),
             str(exc.detail),
             status=exc.status_code,
             instance=request.url.path,
-            headers=dict(exc.headers or {}) or None,
+            headers=headers or None,
         )
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

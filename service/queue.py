@@ -22,6 +22,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
+    CurrentMessage,
     Pipelines,
     Retries,
     ShutdownNotifications,
@@ -40,7 +41,7 @@ __all__ = [
     "declare_actors",
     "make_broker",
     "redis_client",
-    "slide_job_context",
+    "send_webhook",
 ]
 
 #: priority -> (queue, Dramatiq actor priority: lower runs first within a worker).
@@ -83,6 +84,7 @@ def make_broker(settings: ServiceSettings, url: str) -> RedisBroker:
         Callbacks(),
         Pipelines(),
         Retries(max_retries=settings.max_attempts),
+        CurrentMessage(),  # the slide actor reads its claimed job from the current message
     ]
     broker = RedisBroker(
         client=redis_client(url, decode=False),
@@ -94,29 +96,11 @@ def make_broker(settings: ServiceSettings, url: str) -> RedisBroker:
     return broker
 
 
-# The job context the lifecycle middleware prepares for the actor on its worker thread.
-_context_getter: list[Callable[[], Any]] = []
-
-
-def slide_job_context() -> Any:
-    """The current job's context (set by ``service.worker.JobLifecycle`` before the actor runs)."""
-    context = _context_getter[0]() if _context_getter else None
-    if context is None:
-        raise ServiceUnavailableError(
-            "The slide job has no context: the worker could not claim it (Redis unreachable?). "
-            "It will be retried."
-        )
-    return context
-
-
-def set_context_getter(getter: Callable[[], Any]) -> None:
-    _context_getter[:] = [getter]
-
-
-def run_slide_job(job_id: str) -> None:
-    """Actor body: embed one slide with the worker's engine; the middleware does everything else."""
-    context = slide_job_context()
-    context.run()
+def _no_slide_jobs_here(job_id: str) -> None:
+    """The slide actors' body in processes that only send (the API): never consumed there."""
+    raise ServiceUnavailableError(
+        f"This process does not run slide jobs (job {job_id}); start `xmag worker`."
+    )
 
 
 @dataclass(frozen=True)
@@ -135,17 +119,24 @@ def declare_actors(
     broker: RedisBroker,
     settings: ServiceSettings,
     *,
-    webhook_secret: Callable[[], str] | None = None,
+    slide_job: Callable[[str], Any] = _no_slide_jobs_here,
+    webhook_secret: Callable[[str], str] | None = None,
 ) -> Actors:
     """Declare the actors on ``broker`` (in the API and in workers, so either can send).
 
     Args:
-        webhook_secret: returns the signing secret; only the process that delivers needs it.
+        slide_job: the slide actors' body, called with the job id. A worker passes its
+            ``service.worker.SlideJob``: a callable bound at declaration to the worker's engine,
+            which reads its claimed job from the current message (``CurrentMessage``), where the
+            state middleware put it. That is how Dramatiq hands per-message data to an actor;
+            processes that only send keep the default, which never runs.
+        webhook_secret: returns the signing secret of a client (its own, else the service's);
+            only the process that delivers needs it.
     """
     slides = {}
     for priority, (queue, actor_priority) in PRIORITY_QUEUES.items():
         slides[priority] = dramatiq.Actor(
-            run_slide_job,
+            slide_job,
             broker=broker,
             actor_name=f"embed_slide_{priority}",
             queue_name=queue,
@@ -160,12 +151,19 @@ def declare_actors(
             },
         )
 
-    def deliver_webhook(url: str, msg_id: str, body: str) -> None:
+    def deliver_webhook(url: str, msg_id: str, body: str, client: str = "") -> None:
         from service.webhooks import deliver
 
         if webhook_secret is None:
             raise ServiceUnavailableError("This process cannot sign webhooks (no secret).")
-        deliver(url, msg_id, body, webhook_secret(), timeout_s=settings.webhook_timeout_s)
+        deliver(
+            url,
+            msg_id,
+            body,
+            webhook_secret(client),
+            timeout_s=settings.webhook_timeout_s,
+            allowed_hosts=settings.callback_allowed_hosts,
+        )
 
     webhook = dramatiq.Actor(
         deliver_webhook,
@@ -184,5 +182,11 @@ def declare_actors(
 
 
 def send_webhook(actors: Actors, url: str, msg_id: str, payload: dict[str, Any]) -> None:
-    """Queue one delivery; the id stays the same across retries (receivers deduplicate on it)."""
-    actors.webhook.send(url, msg_id, json.dumps(payload, separators=(",", ":")))
+    """Queue one delivery; the id stays the same across retries (receivers deduplicate on it).
+    It is signed with the secret of the client named in ``payload["data"]["client"]``."""
+    client = str((payload.get("data") or {}).get("client") or "")
+    body = json.dumps(payload, separators=(",", ":"))
+    if client:
+        actors.webhook.send(url, msg_id, body, client)
+    else:
+        actors.webhook.send(url, msg_id, body)

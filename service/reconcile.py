@@ -13,6 +13,9 @@ Where a job's message can be (Dramatiq's Redis broker, ``{dq}`` = ``broker_names
                                  worker is dead and before maintenance requeues it)
     {dq}:{queue}.DQ.msgs   HASH  the same for delayed messages (retries with backoff)
 
+A job is marked (``updated_ms``, ``reconciled``) by ``JobStore.mark_resent`` before its message is
+sent again: if the send fails, the next pass after ``reconcile_after_s`` tries again.
+
 A duplicate message is harmless: a worker claims a job only while it is queued (or its lease ran
 out), and a job that is running or final makes the duplicate a no-op (``service.store``). So the
 checks here can be loose in the safe direction; they only have to avoid flooding the queues.
@@ -90,15 +93,11 @@ def reconcile_once(
     for job_id in candidates:
         if job_id in present:
             continue
-        record = store.get(job_id)  # read after the scan: skip what changed meanwhile
-        if record is None or record.get("state") != JobState.QUEUED:
+        # Checked and marked in one script: a job claimed, canceled or re-sent meanwhile stays.
+        priority = store.mark_resent(job_id, not_updated_since_ms=cutoff_ms)
+        if priority is None:
             continue
-        if int(record.get("updated_ms") or 0) > cutoff_ms:
-            continue
-        priority = record.get("priority", "normal")
         actors.slides.get(priority, actors.slides["normal"]).send(job_id)
-        store.r.hset(store.job_key(job_id), "updated_ms", now_ms)
-        store.r.hincrby(store.job_key(job_id), "reconciled", 1)
         sent.append(job_id)
     if sent:
         _log.warning("re-sent queued jobs that had no message", extra={"jobs": len(sent)})

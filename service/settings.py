@@ -5,18 +5,28 @@ The documented interface is ``REDIS_URL`` (no prefix: the usual name in containe
 ``XMAG_SLIDE_ROOTS`` (comma-separated folders that by-reference slides must live under) and
 ``XMAG_DATA_DIR`` (slide store, results store and the embedded Redis's files). Everything else has a
 named default below; times carry their unit in the name.
+
+The engine's own variables (``XMAG_PROVIDERS``, ``XMAG_BATCH_SIZE``...) are read once, into
+``ServiceSettings.engine`` (``xmag.settings.EngineSettings``): a worker builds its engine from it.
+Both classes register with the settings root (``xmag.settings.check_environment``), which reports
+``XMAG_*`` variables neither reads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, PrivateAttr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "ServiceSettings"]
+from xmag.settings import EngineSettings, register_settings
 
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MODEL_DIR", "ServiceSettings"]
+
+#: The model package a worker loads when neither ``--model`` nor ``XMAG_MODEL_DIR`` names one: the
+#: images' mount point (a checkout's ``make serve`` passes its demonstration package).
+DEFAULT_MODEL_DIR = Path("/models/default")
 #: Largest slide upload accepted (bytes): 20 GiB holds the largest single-file scans in practice.
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024**3
 #: Wall-clock limit for one slide job (s). Dramatiq's 10-minute default is too short for big slides.
@@ -45,6 +55,7 @@ def _split_csv(value: object) -> object:
     return value
 
 
+@register_settings
 class ServiceSettings(BaseSettings):
     """Everything the API and the workers read from the environment.
 
@@ -59,6 +70,7 @@ class ServiceSettings(BaseSettings):
         callback_allowed_hosts: hosts webhook callbacks may target (``lis.example.org``,
             ``*.example.org``, ``10.0.0.0/8``); empty: any host but link-local and metadata ones.
         webhook_secret: Standard Webhooks secret (``whsec_`` + base64); generated when unset.
+        engine: the engine settings (their own ``XMAG_*`` variables), built once with these.
     """
 
     model_config = SettingsConfigDict(env_prefix="XMAG_", extra="ignore", populate_by_name=True)
@@ -67,7 +79,7 @@ class ServiceSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("REDIS_URL", "XMAG_REDIS_URL")
     )
     data_dir: Path = Path("var")
-    model_dir: Path = Path("models/demo")
+    model_dir: Path = DEFAULT_MODEL_DIR
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     slide_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     max_upload_bytes: int = Field(default=DEFAULT_MAX_UPLOAD_BYTES, gt=0)
@@ -96,6 +108,17 @@ class ServiceSettings(BaseSettings):
 
     namespace: str = "xmag"
     log_level: str = "INFO"
+    # Not a field: a field would also be read from an XMAG_ENGINE variable (as JSON).
+    _engine: EngineSettings = PrivateAttr()
+
+    def __init__(self, engine: EngineSettings | None = None, **values: Any) -> None:
+        super().__init__(**values)
+        self._engine = engine if engine is not None else EngineSettings()
+
+    @property
+    def engine(self) -> EngineSettings:
+        """The engine settings, read once with these (or given to the constructor)."""
+        return self._engine
 
     @field_validator("api_keys", "slide_roots", "callback_allowed_hosts", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -58,6 +59,7 @@ class StoredSlide:
         path: where it is stored.
         ext: kept extension (``.svs``) or ``""``.
         deduplicated: True when identical bytes were already stored.
+        filename: the client's file name (multipart uploads; the API keeps it per client).
     """
 
     sha256: str
@@ -65,6 +67,7 @@ class StoredSlide:
     path: Path
     ext: str
     deduplicated: bool
+    filename: str | None = None
 
 
 def safe_extension(filename: str | None) -> str:
@@ -96,7 +99,8 @@ def expected_sha256(headers: dict[str, str]) -> str | None:
             raise InvalidRequestError("X-Content-SHA256 must be 64 hexadecimal characters.")
         return hex_value
     digest = headers.get("content-digest")
-    if digest is not None:
+    # RFC 9530: a recipient ignores the algorithms it does not support; only sha-256 is checked.
+    if digest is not None and "sha-256" in digest.lower():
         match = re.search(r"sha-256=:([A-Za-z0-9+/=]+):", digest)
         if not match:
             raise InvalidRequestError(
@@ -281,7 +285,8 @@ async def receive_multipart(
             raise InvalidRequestError(
                 "The multipart body has no `file` part; name the part `file`."
             )
-        return incoming.commit(expected, safe_extension(part.filename))
+        stored = incoming.commit(expected, safe_extension(part.filename))
+        return dataclasses.replace(stored, filename=part.filename)
     except UploadTooLargeError:
         incoming.discard()
         raise

@@ -3,9 +3,12 @@
 Headers: ``webhook-id`` (stable across retries, so receivers can deduplicate), ``webhook-timestamp``
 (unix seconds of this attempt) and ``webhook-signature: v1,<base64 HMAC-SHA256>`` over
 ``"{id}.{timestamp}.{body}"`` with the secret's bytes (``whsec_`` + base64). The body holds the job
-id, state, result URL, batch id and error *code* only: never the error message, a file name or a
-path (patient identifiers hide in them). Deliveries are Dramatiq messages on their own queue,
-retried with exponential backoff when the receiver fails or answers non-2xx.
+id, state, result URL, batch id, error *code*, and the client's own reference and metadata (which
+it sent and receives back); never the error message, a file name or a path (patient identifiers
+hide in them). Each client's webhooks are signed with its own secret (``service.auth``; shown
+once when the client is created), else with the service-wide one. Deliveries are Dramatiq
+messages on their own queue, retried with exponential backoff when the receiver fails or answers
+non-2xx.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
+from service.callbacks import Resolver, pin_callback
 from service.errors import ServiceError
+from service.store import JobRecord, JobState
 
 __all__ = [
     "WebhookDeliveryError",
@@ -73,32 +79,47 @@ def verify(
     return json.loads(body)
 
 
-def build_event(record: dict[str, str]) -> dict[str, Any]:
+def build_event(record: JobRecord) -> dict[str, Any]:
     """The webhook body for a job record in a final state (no patient data)."""
-    state = record.get("state", "")
-    error = json.loads(record["error"]) if record.get("error") and state != "succeeded" else None
+    succeeded = record.state == JobState.SUCCEEDED
     return {
-        "type": f"job.{state}",
+        "type": f"job.{record.state.value}",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": {
-            "job_id": record.get("id"),
-            "state": state,
-            "batch_id": record.get("batch_id") or None,
-            "result_url": record.get("result_url") if state == "succeeded" else None,
-            "job_url": record.get("job_url") or None,
-            "error_code": error.get("code") if error else None,
+            "job_id": record.id,
+            "state": record.state.value,
+            "batch_id": record.batch_id or None,
+            "result_url": record.result_url if succeeded else None,
+            "job_url": record.job_url or None,
+            "error_code": record.error.code if record.error and not succeeded else None,
+            "client": record.client or None,
+            "reference": record.reference or None,
+            "metadata": dict(record.metadata) or None,
         },
     }
 
 
-def deliver(url: str, msg_id: str, body: str, secret: str, *, timeout_s: float) -> int:
-    """POST one signed delivery. Returns the status.
+def deliver(
+    url: str,
+    msg_id: str,
+    body: str,
+    secret: str,
+    *,
+    timeout_s: float,
+    allowed_hosts: Sequence[str] = (),
+    resolver: Resolver | None = None,
+) -> int:
+    """POST one signed delivery to the address the host resolves to once it is checked
+    (``service.callbacks.pin_callback``; redirects are not followed). Returns the status.
 
     Raises:
+        CallbackRefusedError: the host, or an address it resolves to, is refused.
         WebhookDeliveryError: on a network error or a non-2xx answer (so the message is retried).
     """
+    pinned = pin_callback(url, allowed_hosts, resolver=resolver)
     timestamp = int(time.time())
     headers = {
+        "host": pinned.host_header,
         "content-type": "application/json",
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
@@ -106,7 +127,15 @@ def deliver(url: str, msg_id: str, body: str, secret: str, *, timeout_s: float) 
         "user-agent": "xmag-serve-webhooks",
     }
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=timeout_s)
+        # No proxy from the environment: it would connect to the name, not the checked address.
+        with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+            response = client.request(
+                "POST",
+                pinned.url,
+                content=body,
+                headers=headers,
+                extensions={"sni_hostname": pinned.sni_hostname} if pinned.sni_hostname else None,
+            )
     except httpx.HTTPError as exc:
         raise WebhookDeliveryError(
             f"The webhook receiver could not be reached: {type(exc).__name__}.", msg_id=msg_id

@@ -1,27 +1,32 @@
-"""The worker process: one engine loaded once, one slide at a time, job state kept by middleware.
+"""The worker process: one engine loaded once, slides in flight, job state kept by middleware.
 
-``run_worker`` loads the model package (``Engine.from_dir``), declares the actors, adds three
-middleware and starts a Dramatiq worker with one worker thread and a prefetch of one (one process
-per GPU; the blocking engine runs on that thread, not on an event loop):
+``run_worker`` loads the model package (``Engine.from_dir``), declares the actors with
+``SlideJob`` (the slide actors' body, bound to this engine) and adds the job middleware of
+``service.middleware`` (state, metrics, webhooks), then starts a Dramatiq worker (one process per
+GPU; the blocking engine runs on worker threads, not on an event loop).
 
-* ``JobLifecycle``: claims the job record before the actor runs (attempts counter, lease,
-  exactly-once compare-and-set), hands the actor its context (slide path, options, progress and
-  cancel callbacks), and after it records the outcome: succeeded (result published to the results
-  store), failed (input errors, never retried), canceled, queued again (a transient fault, retried
-  by
-  Dramatiq with backoff) or dead (attempts exhausted); then it queues the webhook.
-* the heartbeat thread: the worker's record (``/readyz`` needs one live worker with its model
-  loaded) and the lease of the job it runs; a worker that cannot write its heartbeat for
-  ``worker_stale_s`` exits so its supervisor (``xmag serve``, Docker, systemd) restarts it.
-* metrics: durations, stage timings and tile counts into Redis (``service.metrics``).
+Slides in flight (``xmag.inflight``): the worker runs ``XMAG_SLIDES_IN_FLIGHT`` worker threads
+(default 2 with a GPU encoder, 1 on the CPU) with a prefetch of as many messages, never more, so it
+holds no message it could not start at once. Each thread runs one job through the unchanged state
+machine: the state middleware claims it (attempts, lease, compare-and-set) before the actor runs,
+and finishes it exactly once after. Inside the actor, hashing, the store look-up, opening and
+planning run on the job's own thread, overlapping the model's work on another job; the tile
+pipeline waits for the engine's model gate (one slide on the model at a time, first ready first
+served; a canceled job leaves the queue at once). A job waiting at the gate is claimed and leased
+like a running one (the heartbeat renews every job the worker holds), so a SIGKILL mid-prepare
+loses nothing: the message is redelivered and the lease runs out, as for a kill mid-model. Its time
+limit counts the wait (at most one other slide's model time). ``XMAG_SLIDES_IN_FLIGHT=1`` is one
+slide at a time.
+
+A heartbeat thread writes the worker's record (``/readyz`` needs one live worker with its model
+loaded) and renews the leases of the jobs it holds; a worker that cannot write its heartbeat for
+``worker_stale_s`` exits so its supervisor (``xmag serve``, Docker, systemd) restarts it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -32,27 +37,26 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
-from dramatiq.middleware import Middleware, Retries, SkipMessage
-from dramatiq.middleware.time_limit import TimeLimitExceeded
+from dramatiq.middleware import CurrentMessage
 
-from service.errors import AttemptsExhaustedError, JobTimeLimitError, UnknownTaskError
+from service.errors import ServiceUnavailableError, UnknownTaskError
 from service.logs import configure_logging, get_logger
-from service.metrics import record_job
-from service.queue import (
-    Actors,
-    declare_actors,
-    make_broker,
-    redis_client,
-    send_webhook,
-    set_context_getter,
+from service.middleware import (
+    ClaimedJob,
+    JobMetricsMiddleware,
+    JobStateMiddleware,
+    JobWebhookMiddleware,
+    install_job_middleware,
 )
-from service.results import ResultsStore
+from service.queue import declare_actors, make_broker, redis_client
 from service.settings import ServiceSettings
-from service.store import JobState, JobStore, new_id
-from service.webhooks import build_event
-from xmag.errors import JobCanceledError, XmagError
+from service.store import JobRecord, JobStore
+from xmag.digest import DigestCache, SlideDigest
+from xmag.errors import SlideNotFoundError
+from xmag.inflight import SlidesInFlightSettings
+from xmag.store import ResultStore, StoredResult
 
-__all__ = ["JobContext", "JobLifecycle", "run_worker"]
+__all__ = ["Lease", "SlideJob", "run_worker"]
 
 _log = get_logger("service.worker")
 
@@ -62,42 +66,35 @@ PROGRESS_INTERVAL_S = 0.25
 
 
 @dataclass
-class JobContext:
-    """What the actor needs for one claimed job, and what it produced.
+class Lease:
+    """The engine's callbacks for one claimed job: progress and cancel checks renew its lease.
 
     Attributes:
+        store: the job records.
         job_id: the job.
-        attempt: this delivery's attempt number (1-based).
-        slide_path: the file (or DICOM folder) the engine opens.
-        staging_dir: where the engine writes; published to the results store on success.
-        options: the job's slide options (JSON dict for ``SlideOptions``).
-        tasks: the task heads the job asked for (empty: every head); checked before the run.
+        worker_id: the lease owner.
+        lease_ms: how long each renewal holds the job.
     """
 
+    store: JobStore
     job_id: str
-    attempt: int
-    slide_path: Path
-    staging_dir: Path
-    options: dict[str, Any]
-    lifecycle: JobLifecycle
-    tasks: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    result: Any = None
+    worker_id: str
+    lease_ms: int
     cancel_requested: bool = False
-    _last_write: float = 0.0
+    _last_write: float = field(default=0.0, repr=False)
+    _total_written: int | None = field(default=None, repr=False)
 
     def progress(self, done: int, total: int) -> None:
-        """Engine callback: tiles done / total (writes at most every PROGRESS_INTERVAL_S)."""
+        """Engine callback: tiles done / total (writes at most every PROGRESS_INTERVAL_S, but
+        always the first report of a total and the last, so a client never misses either)."""
         now = time.monotonic()
-        if done < total and now - self._last_write < PROGRESS_INTERVAL_S:
+        first = total != self._total_written
+        if not first and done < total and now - self._last_write < PROGRESS_INTERVAL_S:
             return
         self._last_write = now
-        flag = self.lifecycle.store.renew(
-            self.job_id,
-            self.lifecycle.worker_id,
-            lease_ms=self.lifecycle.settings.lease_ms,
-            done=done,
-            total=total,
+        self._total_written = total
+        flag = self.store.renew(
+            self.job_id, self.worker_id, lease_ms=self.lease_ms, done=done, total=total
         )
         self.cancel_requested = self.cancel_requested or flag == 1
 
@@ -105,222 +102,135 @@ class JobContext:
         """Engine callback between batches: True once a cancel was requested."""
         if not self.cancel_requested and time.monotonic() - self._last_write >= PROGRESS_INTERVAL_S:
             self._last_write = time.monotonic()
-            flag = self.lifecycle.store.renew(
-                self.job_id, self.lifecycle.worker_id, lease_ms=self.lifecycle.settings.lease_ms
-            )
+            flag = self.store.renew(self.job_id, self.worker_id, lease_ms=self.lease_ms)
             self.cancel_requested = flag == 1
         return self.cancel_requested
 
-    def run(self) -> None:
-        """Run the engine on the slide (blocking, on the worker thread).
+
+class SlideJob:
+    """The slide actors' body in a worker: one claimed job's result, found or computed.
+
+    The result is named before the slide is opened (``Engine.result_key`` over the slide's sha256,
+    the model and the options): an upload's sha256 travels in the job record, a by-path slide's
+    comes from the ``DigestCache`` (hashed once per file version). A result already in the store
+    finishes the job at once (``cache_hit``) without opening or reading the slide; only a miss
+    embeds it into a staging folder published under that key (``xmag.store.lookup_or_embed``).
+
+    Declared as the actor's function (``declare_actors(slide_job=...)``), so the engine, loaded
+    once per process, is bound at declaration; the job itself comes from the current message
+    (``CurrentMessage``), where ``JobStateMiddleware`` put the record it claimed. No module-level
+    state: two workers in one process (tests) each have their own.
+
+    Args:
+        engine: the loaded ``xmag.engine.Engine``.
+        store: the job records (lease renewals).
+        results: the result store shared by every worker.
+        digests: by-path slides' digests.
+        settings: the lease length.
+        worker_id: this worker's lease owner id.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        store: JobStore,
+        results: ResultStore,
+        digests: DigestCache,
+        settings: ServiceSettings,
+        worker_id: str,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.results = results
+        self.digests = digests
+        self.settings = settings
+        self.worker_id = worker_id
+
+    def __call__(self, job_id: str) -> StoredResult:
+        """The claimed job's result, looked up or computed (blocking, on the worker thread).
+
+        Returns:
+            The stored result, ``hit`` when found (the middleware records it and its figures).
 
         Raises:
+            ServiceUnavailableError: the job was not claimed (Redis unreachable?): retried.
             UnknownTaskError: the job asks for a task head this worker's model does not have
                 (the API checks at submission only once a worker has published its card).
             XmagError: from the engine (typed input errors, cancellation, inference faults).
         """
-        from xmag.engine import SlideOptions
+        from xmag.params import SlideOptions
+        from xmag.store import lookup_or_embed
 
-        heads = {head.name for head in self.lifecycle.engine.package.card.heads}
-        unknown = sorted(set(self.tasks) - heads)
+        claimed = ClaimedJob.of(CurrentMessage.get_current_message())
+        if claimed is None or claimed.record.id != job_id:
+            raise ServiceUnavailableError(
+                f"The slide job {job_id} has no claim: the worker could not claim it (Redis "
+                "unreachable?). It will be retried."
+            )
+        record = claimed.record
+        heads = set(self.engine.package.card.tasks)  # heads and the cascade's task
+        unknown = sorted(set(record.tasks) - heads)
         if unknown:
             raise UnknownTaskError(
                 f"Unknown task(s) {unknown}; this worker's model offers {sorted(heads)}. "
                 "Resubmit with tasks from GET /v1/models.",
                 tasks=unknown,
             )
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        self.result = self.lifecycle.engine.embed_slide(
-            self.slide_path,
-            self.staging_dir,
-            options=SlideOptions(**self.options),
-            progress=self.progress,
-            should_cancel=self.should_cancel,
+        lease = Lease(self.store, job_id, self.worker_id, self.settings.lease_ms)
+        return lookup_or_embed(
+            self.engine,
+            self.results,
+            Path(record.slide_path),
+            self._digest(record),
+            options=SlideOptions(**record.options),
+            staging_name=f"{job_id}.{claimed.attempt}",
+            display_name=record.display_name or None,
+            progress=lease.progress,
+            should_cancel=lease.should_cancel,
         )
 
+    def _digest(self, record: JobRecord) -> SlideDigest:
+        """The slide's sha256 and size: the upload's, else from the digest cache.
 
-class JobLifecycle(Middleware):
-    """Job state, progress, exactly-once completion, webhooks and metrics around the slide actor."""
-
-    def __init__(
-        self,
-        store: JobStore,
-        actors: Actors,
-        engine: Any,
-        settings: ServiceSettings,
-        worker_id: str,
-        results: ResultsStore,
-    ) -> None:
-        self.store = store
-        self.actors = actors
-        self.engine = engine
-        self.settings = settings
-        self.worker_id = worker_id
-        self.results = results
-        self.slide_actor_names = {actor.actor_name for actor in actors.slides.values()}
-        self._local = threading.local()
-        self.current_job_id: str | None = None
-
-    def current(self) -> JobContext | None:
-        return getattr(self._local, "job", None)
-
-    # Dramatiq hooks -----------------------------------------------------------------------
-    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        self._local.job = None
-        if message.actor_name not in self.slide_actor_names:
-            return
-        job_id = str(message.args[0])
-        claim = self.store.claim(
-            job_id,
-            self.worker_id,
-            lease_ms=self.settings.lease_ms,
-            max_attempts=self.settings.max_attempts,
-        )
-        log = {"job_id": job_id, "worker": self.worker_id, "outcome": claim.outcome}
-        if claim.outcome == "claimed":
-            record = self.store.get(job_id) or {}
-            attempt = int(claim.value)
-            self._local.job = JobContext(
-                job_id=job_id,
-                attempt=attempt,
-                slide_path=Path(record["slide_path"]),
-                staging_dir=self.results.staging_dir(job_id, attempt),
-                options=json.loads(record.get("options") or "{}"),
-                lifecycle=self,
-                tasks=json.loads(record.get("tasks") or "[]"),
-            )
-            self.current_job_id = job_id
-            _log.info("job started", extra={**log, "attempt": attempt})
-            return
-        if claim.outcome == "leased":
-            # A live worker holds the lease (a duplicate delivery): look again when it runs out.
-            broker.enqueue(message.copy(), delay=int(claim.value) + 100)
-        elif claim.outcome in ("dead", "canceled"):
-            self._finished(job_id, claim.outcome, job_seconds=None)
-        _log.info("job skipped", extra=log)
-        raise SkipMessage(f"job {job_id}: {claim.outcome}")
-
-    def after_process_message(
-        self,
-        broker: dramatiq.Broker,
-        message: Any,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        context = self.current()
-        if context is None:
-            return
-        self._local.job = None
-        self.current_job_id = None
+        Raises:
+            SlideNotFoundError: a by-path slide was removed or made unreadable since submission.
+        """
+        if record.slide_sha256:
+            return SlideDigest(record.slide_sha256, record.slide_size_bytes)
         try:
-            self._record_outcome(message, context, exception)
-        finally:
-            shutil.rmtree(context.staging_dir, ignore_errors=True)
-
-    def _record_outcome(self, message: Any, ctx: JobContext, exc: BaseException | None) -> None:
-        elapsed = time.monotonic() - ctx.started
-        log = {"job_id": ctx.job_id, "attempt": ctx.attempt, "seconds": round(elapsed, 3)}
-        if exc is None:
-            key = self.results.publish(ctx.staging_dir)
-            if self.store.finish(ctx.job_id, self.worker_id, JobState.SUCCEEDED, result_key=key):
-                self._finished(ctx.job_id, "succeeded", job_seconds=elapsed, result=ctx.result)
-                _log.info("job succeeded", extra=log)
-            else:
-                _log.warning("job finished elsewhere; result discarded", extra=log)
-            return
-        if isinstance(exc, JobCanceledError):
-            state, error = JobState.CANCELED, exc.to_dict()
-        elif isinstance(exc, TimeLimitExceeded):
-            # The same slide would run past the limit again: final (no retry, see below).
-            limit = self.settings.job_time_limit_s
-            state = JobState.FAILED
-            error = JobTimeLimitError(
-                f"The job ran past its {limit:.0f} s time limit; raise XMAG_JOB_TIME_LIMIT_S."
-            ).to_dict()
-        elif isinstance(exc, XmagError) and not exc.transient:
-            state, error = JobState.FAILED, exc.to_dict()
-        elif ctx.attempt >= self.settings.max_attempts:
-            cause = exc.code if isinstance(exc, XmagError) else type(exc).__name__
-            state = JobState.DEAD
-            error = AttemptsExhaustedError(
-                f"The job failed on each of its {ctx.attempt} attempts (last: {cause}); it is "
-                "dead-lettered. Check the service logs for this job id, then resubmit.",
-                last_error=cause,
-            ).to_dict()
-        else:
-            state = JobState.QUEUED  # Retries re-enqueues it with backoff
-            error = (
-                exc.to_dict()
-                if isinstance(exc, XmagError)
-                else {"code": "INFERENCE_FAILED", "message": f"{type(exc).__name__} (retrying)"}
-            )
-        if state != JobState.QUEUED:
-            # Final: Dramatiq's Retries (which runs after this middleware) must not redeliver it.
-            message.options["max_retries"] = 0
-        changed = self.store.finish(ctx.job_id, self.worker_id, state, error=error)
-        _log.info(
-            "job " + state.value, extra={**log, "code": error.get("code"), "recorded": changed}
-        )
-        if changed and state != JobState.QUEUED:
-            self._finished(ctx.job_id, state.value, job_seconds=elapsed)
-
-    def _finished(
-        self, job_id: str, state: str, *, job_seconds: float | None, result: Any = None
-    ) -> None:
-        """Metrics and the webhook for a job that just reached a final state."""
-        stages, tiles, tiles_seconds = _result_figures(result)
-        with contextlib.suppress(Exception):  # metrics never fail a job
-            record_job(
-                self.store.r,
-                self.store.ns,
-                state=state,
-                job_seconds=job_seconds,
-                stage_seconds=stages,
-                tiles=tiles,
-                tiles_seconds=tiles_seconds if tiles_seconds else (job_seconds or 0.0),
-            )
-        record = self.store.get(job_id)
-        if record and record.get("callback_url"):
-            send_webhook(self.actors, record["callback_url"], new_id("msg"), build_event(record))
-
-
-def _result_figures(result: Any) -> tuple[dict[str, float], int, float]:
-    """Stage timings (s), tiles embedded and their model seconds from a SlideResult, if any."""
-    if result is None:
-        return {}, 0, 0.0
-    data = result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
-    timings = data.get("timings") or {}
-    stages = {str(k): float(v) for k, v in timings.items() if isinstance(v, int | float)}
-    qc = data.get("qc") or {}
-    tiles = int(qc.get("tiles_kept") or 0)
-    return stages, tiles, float(sum(stages.values()))
+            return self.digests.digest(record.slide_path)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise SlideNotFoundError(
+                f"The slide cannot be read any more ({type(exc).__name__}); it was moved, "
+                "removed or its permissions changed after submission. Resubmit it.",
+                path=record.slide_path,
+            ) from exc
 
 
 class _Heartbeat(threading.Thread):
     """Writes the worker record and renews the running job's lease; exits the process if stalled."""
 
-    def __init__(self, lifecycle: JobLifecycle, info: dict[str, str | int]) -> None:
+    def __init__(self, state: JobStateMiddleware, info: dict[str, str | int]) -> None:
         super().__init__(name="xmag-heartbeat", daemon=True)
-        self.lifecycle = lifecycle
+        self.state = state
         self.info = info
         self.stop_event = threading.Event()
         self.last_ok = time.monotonic()
 
     def beat(self) -> None:
-        lc = self.lifecycle
-        job_id = lc.current_job_id
-        lc.store.heartbeat(lc.worker_id, {**self.info, "job": job_id or ""})
-        if job_id:
-            lc.store.renew(job_id, lc.worker_id, lease_ms=lc.settings.lease_ms)
-        path = lc.settings.worker_heartbeat_file
+        st = self.state
+        job_ids = st.current_job_ids
+        st.store.heartbeat(st.worker_id, {**self.info, "job": ",".join(job_ids)})
+        for job_id in job_ids:
+            st.store.renew(job_id, st.worker_id, lease_ms=st.settings.lease_ms)
+        path = st.settings.worker_heartbeat_file
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(str(time.time()))
         self.last_ok = time.monotonic()
 
     def run(self) -> None:
-        settings = self.lifecycle.settings
+        settings = self.state.settings
         interval = min(settings.worker_heartbeat_s, settings.lease_ms / 3000)
         while not self.stop_event.wait(interval):
             try:
@@ -335,18 +245,60 @@ class _Heartbeat(threading.Thread):
                     os._exit(3)
 
 
+class _LoadingHeartbeat(threading.Thread):
+    """While the engine loads: the heartbeat file and a worker record saying why it is not ready.
+
+    A TensorRT engine build can take minutes, longer than a container healthcheck's start period;
+    without a heartbeat the container would be killed mid-build, again and again. The record has
+    ``model_loaded`` 0 (``/readyz`` does not count the worker) and ``status`` "building engine";
+    a failed load leaves ``status`` "failed: <error>" until the record expires.
+    """
+
+    def __init__(self, store: JobStore, worker_id: str, settings: ServiceSettings) -> None:
+        super().__init__(name="xmag-loading-heartbeat", daemon=True)
+        self.store, self.worker_id, self.settings = store, worker_id, settings
+        self.info: dict[str, str | int] = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "model_loaded": 0,
+            "status": "building engine",
+            "started_ms": int(time.time() * 1000),
+        }
+        self.stop_event = threading.Event()
+
+    def beat(self) -> None:
+        path = self.settings.worker_heartbeat_file
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(time.time()))
+        self.store.heartbeat(self.worker_id, self.info)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.settings.worker_heartbeat_s):
+            try:
+                self.beat()
+            except Exception as exc:  # Redis down: the file still keeps the container alive
+                _log.warning("loading heartbeat failed", extra={"error": repr(exc)})
+
+    def failed(self, exc: BaseException) -> None:
+        self.stop_event.set()
+        self.info["status"] = f"failed: {exc}"[:500]
+        with contextlib.suppress(Exception):
+            self.store.heartbeat(self.worker_id, self.info)
+
+
 def load_engine(settings: ServiceSettings) -> Any:
     """``Engine.from_dir`` on the configured model package (once per worker process).
 
-    The engine reads its own settings from the ``XMAG_*`` variables of ``xmag.settings``
+    The engine settings are ``settings.engine``: the ``XMAG_*`` variables of ``xmag.settings``
     (``XMAG_PROVIDERS``, ``XMAG_INTRA_OP_THREADS``, ``XMAG_BATCH_SIZE``, ``XMAG_READER_WORKERS``,
     ``XMAG_QUEUE_DEPTH``, ``XMAG_TRT_FP16``, ``XMAG_TRT_CACHE_DIR``, ``XMAG_CUDA_DEVICE_ID``,
-    ``XMAG_VARIANT``, ``XMAG_CACHE_DIR``); none of them clashes with a service setting.
+    ``XMAG_VARIANT``), read once with the service's. Results go to the service's result store
+    (``<data dir>/results``), not to the CLI's ``XMAG_CACHE_DIR``.
     """
     from xmag.engine import Engine
-    from xmag.settings import EngineSettings
 
-    return Engine.from_dir(settings.model_dir, EngineSettings())
+    return Engine.from_dir(settings.model_dir, settings.engine)
 
 
 def model_card(engine: Any) -> tuple[str, dict[str, Any]]:
@@ -364,16 +316,30 @@ def run_worker(
     """Run one worker until SIGTERM/SIGINT (or ``stop``). Returns the exit status."""
     configure_logging(settings.log_level)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    engine = load_engine(settings)
-    broker = make_broker(settings, redis_url)
-    actors = declare_actors(broker, settings)
     store = JobStore(redis_client(redis_url), settings.namespace)
-    results = ResultsStore(settings.results_store)
-    lifecycle = JobLifecycle(store, actors, engine, settings, worker_id, results)
-    # Before Retries: its after_process_message must see the max_retries this one sets for a final
-    # outcome (Dramatiq runs after-hooks in middleware order).
-    broker.add_middleware(lifecycle, before=Retries)
-    set_context_getter(lifecycle.current)
+    loading = _LoadingHeartbeat(store, worker_id, settings)
+    with contextlib.suppress(Exception):  # Redis not up yet: the loop below retries
+        loading.beat()
+    loading.start()
+    try:
+        engine = load_engine(settings)  # a TensorRT build can take minutes: heartbeat meanwhile
+    except BaseException as exc:
+        _log.critical("engine failed to load", extra={"worker": worker_id, "error": str(exc)})
+        loading.failed(exc)
+        raise
+    loading.stop_event.set()
+    loading.join()
+    in_flight = SlidesInFlightSettings().for_provider(getattr(engine, "provider", "cpu"))
+    broker = make_broker(settings, redis_url)
+    digests = DigestCache(settings.data_dir / "digests")
+    slide_job = SlideJob(
+        engine, store, ResultStore(settings.results_store), digests, settings, worker_id
+    )
+    actors = declare_actors(broker, settings, slide_job=slide_job)
+    state = JobStateMiddleware(
+        store, settings, worker_id, {a.actor_name for a in actors.slides.values()}
+    )
+    install_job_middleware(broker, state, JobMetricsMiddleware(store), JobWebhookMiddleware(actors))
 
     name, card = model_card(engine)
     if card.get("trained") is False:
@@ -387,21 +353,25 @@ def run_worker(
         "host": socket.gethostname(),
         "model": name,
         "model_loaded": 1,
+        "status": "ready",  # replaces the loading heartbeat's "building engine"
         "started_ms": int(time.time() * 1000),
     }
-    heartbeat = _Heartbeat(lifecycle, info)
+    heartbeat = _Heartbeat(state, info)
     heartbeat.beat()
     heartbeat.start()
 
     worker = dramatiq.Worker(
         broker,
         queues=set(actors.slide_queues),
-        worker_threads=1,
+        worker_threads=in_flight,
         worker_timeout=settings.worker_idle_timeout_ms,
     )
-    worker.queue_prefetch = 1  # one slide at a time; never hoard messages other workers could run
+    # One message per slide in flight, no more: never hoard messages other workers could run.
+    worker.queue_prefetch = in_flight
     worker.start()
-    _log.info("worker ready", extra={"worker": worker_id, "model": name})
+    _log.info(
+        "worker ready", extra={"worker": worker_id, "model": name, "slides_in_flight": in_flight}
+    )
 
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -42,6 +42,8 @@ FAST_ENV = {
     "XMAG_WEBHOOK_MAX_BACKOFF_MS": "500",
     "XMAG_WORKER_SHUTDOWN_GRACE_S": "5",
     "XMAG_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
+    # WebhookReceiver listens on loopback, which callbacks reach only when allow-listed.
+    "XMAG_CALLBACK_ALLOWED_HOSTS": "127.0.0.0/8",
     "XMAG_LOG_LEVEL": "WARNING",
     "XMAG_RECONCILE_INTERVAL_S": "0.5",
     "XMAG_RECONCILE_AFTER_S": "1",

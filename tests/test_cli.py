@@ -11,7 +11,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from model_export.default_package import build_default_package
 from xmag.cli import build_app, expand_slides, load_plugins
 from xmag.results import EmbedReport, InspectReport
 
@@ -22,10 +21,8 @@ TCGA = "tcga-cr-7395-01a-01-ts1.svs"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cli-pkg") / "default"
-    build_default_package(out)
-    return out
+def model_dir(default_package: Path) -> Path:
+    return default_package
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import onnxruntime as ort
 import pytest
 import tifffile
 
-from model_export.default_package import build_default_package
 from xmag.engine import Engine, SlideOptions
 from xmag.errors import JobCanceledError, NoTissueError, UnknownMppError
 from xmag.outputs import read_features
@@ -29,10 +28,8 @@ TCGA = "tcga-cr-7395-01a-01-ts1.svs"  # Aperio without mpp
 
 
 @pytest.fixture(scope="session")
-def package_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("engine-pkg") / "default"
-    build_default_package(out)
-    return out
+def package_dir(default_package: Path) -> Path:
+    return default_package
 
 
 def _settings(**kw: object) -> EngineSettings:
@@ -182,19 +179,39 @@ def test_progress_reports_every_batch_up_to_the_kept_tile_count(
 def test_cancel_between_batches_raises_job_canceled_and_writes_nothing(
     engine: Engine, slides_dir: Path, tmp_path: Path
 ) -> None:
-    calls = {"n": 0}
+    tiles = {"done": 0}
+
+    def progress(done: int, total: int) -> None:
+        tiles["done"] = done
 
     def cancel_after_first_batch() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 1
+        return tiles["done"] > 0
 
     with pytest.raises(JobCanceledError) as info:
-        engine.embed_slide(slides_dir / NDPI, tmp_path, should_cancel=cancel_after_first_batch)
+        engine.embed_slide(
+            slides_dir / NDPI, tmp_path, progress=progress, should_cancel=cancel_after_first_batch
+        )
     assert info.value.code == "JOB_CANCELED"
     assert info.value.fields["tiles_done"] == engine.batch_size
     assert not (tmp_path / "result.json").exists()
     alive = [t.name for t in threading.enumerate() if t.name.startswith("xmag-")]
     assert alive == []
+
+
+def test_cancel_during_planning_stops_before_any_tile_is_read(
+    engine: Engine, slides_dir: Path, tmp_path: Path
+) -> None:
+    reported: list[int] = []
+    before = engine.tiles_embedded
+    with pytest.raises(JobCanceledError):
+        engine.embed_slide(
+            slides_dir / CMU,
+            tmp_path,
+            progress=lambda done, total: reported.append(done),
+            should_cancel=lambda: True,
+        )
+    assert reported == [] and engine.tiles_embedded == before  # stopped in the plan
+    assert not (tmp_path / "result.json").exists()
 
 
 def test_a_blank_slide_raises_no_tissue_with_its_qc(engine: Engine, tmp_path: Path) -> None:

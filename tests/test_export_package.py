@@ -26,18 +26,19 @@ from model_export.errors import CheckpointError, ExportError  # noqa: E402
 from model_export.export import ExportResult, export_package, from_training  # noqa: E402
 from model_export.parity import (  # noqa: E402
     THRESHOLDS,
-    ParityTiles,
-    collect_parity_tiles,
     cosine_rows,
     make_session,
-    normalise_tiles,
     torch_embeddings,
 )
+from model_export.parity_tiles import ParityTiles, collect_parity_tiles  # noqa: E402
 from model_export.trt_bench import run_bench  # noqa: E402
 from training.models import CHECKPOINT_FORMAT, GatedAttentionMIL, build_student  # noqa: E402
 from xmag.engine import Engine  # noqa: E402
 from xmag.package import load_package  # noqa: E402
 from xmag.plan import plan_slide  # noqa: E402
+from xmag.preprocess import IMAGENET_MEAN as MEAN  # noqa: E402
+from xmag.preprocess import IMAGENET_STD as STD  # noqa: E402
+from xmag.preprocess import Preprocessor  # noqa: E402
 from xmag.readers import open_slide  # noqa: E402
 from xmag.settings import EngineSettings  # noqa: E402
 from xmag.tiles import read_tile  # noqa: E402
@@ -54,8 +55,6 @@ PATCHES = DATA / "patches" / "nct-crc-he"
 ARCH = "vit_small_patch14_dinov2"
 TIMM_KWARGS = {"embed_dim": 192, "depth": 4, "num_heads": 3}
 LABELS = ["he", "ihc", "fluorescence"]
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def _student(seed: int) -> torch.nn.Module:
@@ -148,6 +147,17 @@ def test_parity_tiles_come_from_real_slides_of_each_modality(tiles: ParityTiles)
     assert tiles.skipped["tcga-cr-7395-01a-01-ts1.svs"].startswith("UNKNOWN_MPP")
 
 
+def test_parity_checked_the_preprocessing_the_engine_builds_from_the_card(
+    exported: ExportResult,
+) -> None:
+    card = exported.package.card
+    report = json.loads((exported.package.root / "parity.json").read_text())
+    want = card.input.model_dump(include={"mean", "std", "channel_order", "dtype"}, mode="json")
+    assert report["preprocessing"] == want
+    engine = Engine.from_dir(exported.package.root, _settings())
+    assert engine.preprocess == Preprocessor.from_spec(card.input)
+
+
 def test_engine_embeds_a_real_slide_like_the_pytorch_ema_student(
     exported: ExportResult, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -162,7 +172,7 @@ def test_engine_embeds_a_real_slide_like_the_pytorch_ema_student(
         kept = plan.grid.kept_indices()
         pixels = np.stack([read_tile(reader, plan.grid, plan.level, int(i)) for i in kept])
     np.testing.assert_array_equal(coords, plan.grid.level0_xy[kept])
-    x = normalise_tiles(pixels, MEAN, STD)
+    x = Preprocessor.from_spec(exported.package.card.input)(pixels)  # the engine's own
     ckpt = torch.load(checkpoint, weights_only=False)
     ema = build_student(ARCH, img_size=224, **TIMM_KWARGS)
     ema.load_state_dict(ckpt["student_ema"])
@@ -242,7 +252,9 @@ def test_int8_variant_meets_its_threshold_through_the_engine(
     got = engine.embed_tiles(tiles.pixels)
     model = from_training(checkpoint).model
     want, _ = torch_embeddings(
-        model, normalise_tiles(tiles.pixels, MEAN, STD), with_patch_tokens=False
+        model,
+        Preprocessor.from_spec(engine.package.card.input)(tiles.pixels),
+        with_patch_tokens=False,
     )
     assert cosine_rows(got, want).min() >= THRESHOLDS["int8"]
 
@@ -350,7 +362,7 @@ def test_static_int8_calibrated_on_slide_tiles_meets_its_threshold(
 
     from model_export.quantize import Int8Mode, quantize_int8
 
-    x = normalise_tiles(tiles.pixels, MEAN, STD)
+    x = Preprocessor.from_spec(exported.package.card.input)(tiles.pixels)
     out = quantize_int8(
         exported.package.encoder_path,
         tmp_path / "model.int8-static.onnx",

@@ -22,7 +22,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from model_export.errors import CheckpointError  # noqa: E402
 from model_export.onnx_export import ENCODER_OUTPUT, export_encoder  # noqa: E402
-from model_export.parity import cosine_rows, make_session, normalise_tiles  # noqa: E402
+from model_export.parity import cosine_rows, make_session  # noqa: E402
 from model_export.xmag_checkpoint import (  # noqa: E402
     build_xmag_student,
     dinov2_interpolate_pos_embed,
@@ -32,8 +32,6 @@ from model_export.xmag_checkpoint import (  # noqa: E402
 
 PATCHES = Path(__file__).parent / "data" / "patches" / "nct-crc-he"
 SLIDE = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DIM, HEADS, DEPTH = 768, 12, 12
 
 
@@ -113,13 +111,14 @@ def _reference_forward(sd64: dict[str, torch.Tensor], x: torch.Tensor, pos: torc
 
 
 def _real_tiles() -> np.ndarray:
-    from model_export.parity import collect_parity_tiles
+    from model_export.parity_tiles import collect_parity_tiles
+    from xmag.preprocess import Preprocessor
 
     tiles = collect_parity_tiles(
         [SLIDE], tile_px=224, target_mpp=2.0, patches=[PATCHES], tiles_per_slide=2
     )
     assert len(tiles) >= 4
-    return normalise_tiles(tiles.pixels, IMAGENET_MEAN, IMAGENET_STD)
+    return Preprocessor()(tiles.pixels)  # the core's ImageNet preprocessing, XMAG's input
 
 
 def test_xmag_release_exports_to_onnx_matching_an_independent_dinov2_forward(

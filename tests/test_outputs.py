@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_export.default_package import build_default_package
 from xmag.engine import Engine
 from xmag.outputs import (
     atomic_write,
@@ -28,10 +27,10 @@ SLIDES = {"cmu": "CMU-1-Small-Region.svs", "ihc": "OS-2-ndpi.ome.tif"}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path) -> dict[str, Path]:
-    pkg = tmp_path_factory.mktemp("out-pkg") / "default"
-    build_default_package(pkg)
-    engine = Engine.from_dir(pkg, EngineSettings(providers=["cpu"], batch_size=8))
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, slides_dir: Path, default_package: Path
+) -> dict[str, Path]:
+    engine = Engine.from_dir(default_package, EngineSettings(providers=["cpu"], batch_size=8))
     out = {}
     for key, name in SLIDES.items():
         out[key] = tmp_path_factory.mktemp(key)

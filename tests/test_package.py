@@ -21,13 +21,6 @@ from xmag.runtime import ModelSession, choose_providers
 from xmag.settings import EngineSettings, available_cpus
 
 
-@pytest.fixture(scope="session")
-def default_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pkg") / "default"
-    build_default_package(out)
-    return out
-
-
 @pytest.fixture
 def package_copy(default_package: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "pkg"

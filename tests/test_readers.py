@@ -19,7 +19,6 @@ from PIL import Image
 
 import xmag.readers as readers
 from xmag.errors import (
-    SUPPORTED_FORMATS_SENTENCE,
     CorruptSlideError,
     RegionReadError,
     SlideNotFoundError,
@@ -28,7 +27,7 @@ from xmag.errors import (
     XmagUsageError,
 )
 from xmag.readers import base as readers_base
-from xmag.readers import open_slide, registered_readers
+from xmag.readers import open_slide, registered_readers, supported_formats_sentence
 from xmag.readers.base import SlideReader, mpp_from_tiff_resolution, register_reader
 from xmag.readers.dicom_reader import DicomReader
 from xmag.readers.openslide_reader import OpenSlideReader, translate_open_error
@@ -147,7 +146,7 @@ def _assert_unsupported(path: Path) -> None:
         open_slide(path)
     assert info.value.code == "UNSUPPORTED_FORMAT"
     assert str(path) in info.value.message
-    assert SUPPORTED_FORMATS_SENTENCE in info.value.message
+    assert supported_formats_sentence() in info.value.message
 
 
 def test_a_missing_path_fails_with_slide_not_found(tmp_path: Path) -> None:
@@ -307,15 +306,49 @@ def test_registering_a_reader_name_twice_is_refused() -> None:
     assert registered_readers()[1] is TiffReader
 
 
+def test_the_supported_formats_sentence_names_every_format_every_reader_declares() -> None:
+    sentence = supported_formats_sentence()
+    for reader_cls in registered_readers():
+        assert reader_cls.formats, reader_cls.name
+        for fmt in reader_cls.formats:
+            assert fmt.describe() in sentence
+            assert all(ext.startswith(".") and ext == ext.lower() for ext in fmt.extensions)
+    # DICOM WSI is opened by two readers and listed once.
+    assert sentence.count("DICOM WSI") == 1
+    assert sentence.startswith("Supported formats: ") and sentence.endswith(".")
+
+
+def test_a_reader_that_declares_no_formats_is_refused() -> None:
+    class Formatless(TiffReader):
+        name = "formatless"
+        formats = ()
+
+    with pytest.raises(XmagUsageError, match="declares no formats"):
+        register_reader(priority=99)(Formatless)
+    assert "formatless" not in {r.name for r in registered_readers()}
+
+
+def test_a_new_reader_s_formats_join_the_sentence_without_editing_a_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Vsi(TiffReader):
+        name = "vsi-test"
+        formats = (readers.SlideFormat("Olympus VSI", (".vsi",)),)
+
+    monkeypatch.setattr(readers_base, "_REGISTRY", dict(readers_base._REGISTRY))
+    register_reader(priority=99)(Vsi)
+    assert supported_formats_sentence().endswith(", and Olympus VSI (.vsi).")
+
+
 def test_the_package_exports_exactly_its_public_names() -> None:
     public = {n for n in dir(readers) if not n.startswith("_")} - {
         "annotations", "os", "Path", "base", "dicom_reader", "openslide_reader", "tiff_reader",
         "CorruptSlideError", "SlideNotFoundError", "UnsupportedFormatError",
-        "SUPPORTED_FORMATS_SENTENCE",
     }  # fmt: skip
     assert set(readers.__all__) == public
     assert set(readers.__all__) == {
-        "LevelInfo", "MetadataMpp", "SlideReader", "open_slide", "registered_readers",
+        "LevelInfo", "MetadataMpp", "SlideFormat", "SlideReader", "open_slide",
+        "registered_readers", "supported_formats_sentence",
     }  # fmt: skip
 
 

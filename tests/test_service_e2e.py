@@ -22,7 +22,7 @@ import pytest
 
 from service.embedded_redis import EmbeddedRedis
 from service.queue import redis_client
-from service.store import JobStore
+from service.store import JobSpec, JobStore
 from service.webhooks import verify
 from tests.conftest import SLIDES_DIR
 from tests.service_helpers import (
@@ -61,7 +61,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def big_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated slide from real tissue with enough tiles that a job lasts long enough to kill."""
-    from xmag.synthetic import make_large_slide
+    from tests.synthetic import make_large_slide
 
     path = tmp_path_factory.mktemp("big") / "big.svs"
     make_large_slide(path, layout="20x", width=16000, height=12000, seed=7)
@@ -104,7 +104,6 @@ def stack(
         data,
         model_dir,
         XMAG_SLIDE_ROOTS=roots,
-        XMAG_CACHE_DIR=str(data / "engine-cache"),  # an engine setting, read by the workers
     )
     api, base = start_api(env, data / "api.log")
     s = Stack(data, env, redis_server, base, api, [])
@@ -176,10 +175,55 @@ def test_a_job_reports_only_its_tasks_and_an_unknown_task_is_refused(
     assert job["state"] == "succeeded" and job["tasks"] == ["stain"]
     result = http.get(job["links"]["result"]).json()
     assert [p["name"] for p in result["predictions"]] == ["stain"]
-    # The stack's workers run with XMAG_CACHE_DIR, an engine setting (xmag.settings): the engine
-    # stored its results there, so the workers build their engine from EngineSettings.
-    cached = list((stack.data / "engine-cache").rglob("result.json"))
-    assert result["cache_key"] in {p.parent.name for p in cached}, cached
+    # One result store, under the data dir, named by the core's result key.
+    stored = list((stack.data / "results").rglob("result.json"))
+    assert result["result_key"] in {p.parent.name for p in stored}, stored
+    # By-path slides are hashed once per file version, remembered under the data dir.
+    assert list((stack.data / "digests").rglob("*.json"))
+
+
+def test_a_slide_computed_before_is_answered_from_the_store_without_reading_it(
+    http: httpx.Client, stack: Stack
+) -> None:
+    slide_id = upload(http, NDPI_OME)
+    first = wait_job(http, http.post("/v1/jobs", json={"slide_id": slide_id}).json()["id"])
+    assert first["state"] == "succeeded", first
+    hits_before = _metric(http, "xmag_jobs_cache_hits_total")
+    tiles_before = _metric(http, "xmag_tiles_total")
+    # The upload's bytes are gone: only the job record's sha256 can name the result now.
+    (stored,) = (stack.data / "slides" / slide_id[:2]).glob(f"{slide_id}*")
+    stored.unlink()
+    try:
+        again = wait_job(http, http.post("/v1/jobs", json={"slide_id": slide_id}).json()["id"])
+        assert again["state"] == "succeeded" and again["cache_hit"] is True, again
+        doc = http.get(again["links"]["result"]).json()
+        assert doc["slide"]["sha256"] == slide_id
+        assert http.get(first["links"]["result"]).json()["result_key"] == doc["result_key"]
+        assert _metric(http, "xmag_jobs_cache_hits_total") == hits_before + 1
+        assert _metric(http, "xmag_tiles_total") == tiles_before  # nothing computed
+    finally:
+        upload(http, NDPI_OME)  # put the bytes back for later tests
+
+
+def test_a_slide_removed_after_submission_fails_as_not_found_without_retries(
+    http: httpx.Client, stack: Stack, big_slide: Path
+) -> None:
+    doomed = big_slide.parent / "doomed.ome.tif"
+    doomed.write_bytes(NDPI_OME.read_bytes())
+    stack.stop_workers()  # so the job waits in the queue while its slide disappears
+    job = http.post("/v1/jobs", json={"path": doomed.name}).json()
+    doomed.unlink()
+    stack.add_worker()
+    final = wait_job(http, job["id"])
+    assert final["state"] == "failed" and final["error"]["code"] == "SLIDE_NOT_FOUND", final
+    assert final["attempts"] == 1
+
+
+def _metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
 
 
 def test_a_batch_with_one_bad_slide_fails_only_that_slide_with_its_code(
@@ -224,7 +268,10 @@ def test_a_bad_upload_fails_with_its_code_and_the_worker_serves_the_next_job(
     assert bad["state"] == "failed" and bad["error"]["code"] == code, bad
     assert bad["attempts"] == 1
     problem = http.get(f"/v1/jobs/{bad['id']}/result")
-    assert problem.status_code == 422 and problem.json()["code"] == code
+    # 409: the request for the result is right; the job has none (its own problem says why).
+    assert problem.status_code == 409 and problem.json()["code"] == code
+    assert problem.json()["job_state"] == "failed"
+    assert f"{slide_id['slide_id']}.svs" not in problem.text  # the server's path is never shown
     good = wait_job(http, http.post("/v1/jobs", json={"path": NDPI_OME.name}).json()["id"])
     assert good["state"] == "succeeded"
 
@@ -308,10 +355,11 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again_and_completes(
     # What a crash between the two writes of a submission leaves: the record, no message.
     with stack.redis_server.client() as raw:
         store = JobStore(redis_client(stack.redis_server.url), "xmag")
-        created, job_id = store.create_job(
-            {"slide_kind": "path", "slide_path": str(NDPI_OME.resolve()), "priority": "low"}
+        created = store.create_job(
+            JobSpec(slide_kind="path", slide_path=str(NDPI_OME.resolve()), priority="low")
         )
-        assert created
+        assert created.created
+        job_id = created.id
         final = wait_job(http, job_id)
         assert final["state"] == "succeeded", final
         assert raw.hget(f"xmag:job:{job_id}", "reconciled") == b"1"

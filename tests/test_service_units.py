@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +12,11 @@ import service.errors
 import service.webhooks  # registers WebhookDeliveryError in the error tree
 from service.auth import Scope, parse_key_entry
 from service.problems import STATUS_BY_CODE
-from service.results import content_key
 from service.schemas import JobRequest
 from service.settings import ServiceSettings
 from service.slides import resolve_reference, safe_extension
+from service.store import JobRecord
 from service.webhooks import build_event, sign, verify
-from tests.conftest import SLIDES_DIR
-from tests.service_helpers import ROOT
 from xmag.errors import SlideNotFoundError, all_error_codes
 
 
@@ -62,13 +56,15 @@ def test_webhook_verification_refuses_a_tampered_body() -> None:
 
 
 def test_webhook_body_carries_the_error_code_but_never_the_message_or_a_path() -> None:
-    record = {
-        "id": "job_1",
-        "state": "failed",
-        "error": '{"code": "UNSUPPORTED_FORMAT", "message": "/slides/PATIENT-DOE-JOHN.svs is bad"}',
-        "slide_path": "/slides/PATIENT-DOE-JOHN.svs",
-        "result_url": "http://x/v1/jobs/job_1/result",
-    }
+    record = JobRecord.from_hash(
+        {
+            "id": "job_1",
+            "state": "failed",
+            "error": '{"code": "UNSUPPORTED_FORMAT", "message": "/slides/PATIENT-DOE-JOHN.svs"}',
+            "slide_path": "/slides/PATIENT-DOE-JOHN.svs",
+            "result_url": "http://x/v1/jobs/job_1/result",
+        }
+    )
     event = build_event(record)
     text = str(event)
     assert event["data"]["error_code"] == "UNSUPPORTED_FORMAT"
@@ -132,13 +128,16 @@ def test_only_a_plain_extension_survives_from_a_client_file_name() -> None:
     assert safe_extension(None) == ""
 
 
-def test_api_key_entries_give_scopes_and_refuse_short_keys() -> None:
-    assert parse_key_entry("k" * 20)[1] == frozenset(Scope)
+def test_api_key_entries_give_scopes_and_clients_and_refuse_short_keys() -> None:
+    assert parse_key_entry("k" * 20) == ("k" * 20, frozenset({Scope.READ, Scope.SUBMIT}), "default")
     assert parse_key_entry("k" * 20 + ":read")[1] == frozenset({Scope.READ})
+    assert parse_key_entry("k" * 20 + ":admin@ops")[1:] == (frozenset({Scope.ADMIN}), "ops")
     with pytest.raises(ValueError, match="characters"):
         parse_key_entry("short")
     with pytest.raises(ValueError, match="scope"):
-        parse_key_entry("k" * 20 + ":admin")
+        parse_key_entry("k" * 20 + ":root")
+    with pytest.raises(ValueError, match="client"):
+        parse_key_entry("k" * 20 + "@Bad Name")
 
 
 def test_settings_read_the_documented_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,60 +148,6 @@ def test_settings_read_the_documented_variables(monkeypatch: pytest.MonkeyPatch)
     assert settings.redis_url == "redis://cache:6379/0"
     assert settings.api_keys == ["a" * 20, "b" * 20 + ":read"]
     assert settings.slide_roots == [Path("/slides"), Path("/archive")]
-
-
-@pytest.fixture(scope="module")
-def engine_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Three real result.json files: a slide, a renamed copy of it, and it with another option."""
-    from xmag.engine import Engine, SlideOptions
-
-    tmp = tmp_path_factory.mktemp("content-key")
-    model = tmp / "model"
-    subprocess.run(
-        [sys.executable, "-m", "model_export.default_package", "--out", str(model)],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    copy = tmp / "renamed-copy.svs"
-    shutil.copyfile(SLIDES_DIR / "CMU-1-Small-Region.svs", copy)
-    engine = Engine.from_dir(model)
-    runs = [
-        (SLIDES_DIR / "CMU-1-Small-Region.svs", None),
-        (copy, None),
-        (copy, SlideOptions(tissue_threshold=0.9)),
-    ]
-    results = []
-    for i, (slide, options) in enumerate(runs):
-        engine.embed_slide(slide, tmp / f"out{i}", options=options)
-        results.append(json.loads((tmp / f"out{i}" / "result.json").read_text()))
-    return results
-
-
-def test_the_content_key_ignores_where_when_and_how_fast_but_not_the_options(
-    engine_results: list[dict],
-) -> None:
-    original, renamed, other_options = engine_results
-    assert original["slide"]["path"] != renamed["slide"]["path"]
-    assert original["created_at"] != renamed["created_at"]
-    assert content_key(original) == content_key(renamed)
-    assert content_key(original) != content_key(other_options)
-
-
-def test_the_content_key_changes_with_the_slide_bytes_or_the_model(
-    engine_results: list[dict],
-) -> None:
-    original = engine_results[0]
-    other_slide = {**original, "slide": {**original["slide"], "sha256": "0" * 64}}
-    checksums = {k: "0" * 64 for k in original["model"]["checksums"]}
-    other_model = {**original, "model": {**original["model"], "checksums": checksums}}
-    keys = {content_key(original), content_key(other_slide), content_key(other_model)}
-    assert len(keys) == 3
-
-
-def test_a_file_that_is_not_a_result_has_no_content_key() -> None:
-    with pytest.raises(KeyError):
-        content_key({"timings": {"open": 0.1}})
 
 
 @pytest.mark.parametrize(

@@ -39,3 +39,23 @@ def test_the_shipped_demo_model_predicts_the_stain_of_its_real_slides(
     (modality,) = [p for p in result.predictions if p.name == "modality"]
     assert modality.top_label == expected
     assert result.model.trained is True
+
+
+CELLECONET_DIR = DEMO_DIR.parent / "celleconet-demo"
+
+
+def test_the_shipped_celleconet_demo_serves_a_recurrence_risk_with_its_cells(
+    slides_dir: Path, tmp_path: Path
+) -> None:
+    """models/celleconet-demo (`make serve MODEL_DIR=models/celleconet-demo`): the 5x pass, then
+    the cascade reads the chosen regions at 0.5 um/px, finds the cells and reads them."""
+    package = load_package(CELLECONET_DIR)
+    assert "NOT A DIAGNOSTIC MODEL" in package.card.description
+    assert "recurrence_risk" in package.card.tasks
+    engine = Engine.from_dir(CELLECONET_DIR)
+    out = tmp_path / "out"
+    result = engine.embed_slide(slides_dir / "CMU-1-Small-Region.svs", out)
+    assert result.cascade is not None and result.cascade.regions
+    assert result.cascade.cells > 0 and result.cascade.risk is not None
+    assert any(p.name == "recurrence_risk" for p in result.predictions)
+    assert (out / "cells.geojson").stat().st_size > 0

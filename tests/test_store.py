@@ -14,6 +14,7 @@ from model_export.default_package import build_default_package
 from xmag.digest import DigestCache, slide_digest
 from xmag.engine import Engine
 from xmag.params import SlideOptions
+from xmag.results import CASCADE_FILES
 from xmag.settings import EngineSettings
 from xmag.store import ARTIFACTS, ResultStore, lookup_or_embed
 
@@ -26,10 +27,8 @@ def _settings() -> EngineSettings:
 
 
 @pytest.fixture(scope="module")
-def package_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("store-pkg") / "default"
-    build_default_package(out)
-    return out
+def package_dir(default_package: Path) -> Path:
+    return default_package
 
 
 @pytest.fixture
@@ -53,7 +52,9 @@ def test_a_hit_is_answered_without_opening_the_slide_or_running_the_model(
     first = lookup_or_embed(engine, store, slide, digest)
     assert not first.hit and engine.tiles_embedded == first.result.tiles.kept > 0
     assert first.key == first.result.result_key == engine.result_key(digest.sha256)
-    assert sorted(p.name for p in first.folder.iterdir()) == sorted(ARTIFACTS)
+    assert sorted(p.name for p in first.folder.iterdir()) == sorted(
+        set(ARTIFACTS) - set(CASCADE_FILES)  # a package without a cascade writes all the rest
+    )
     slide.unlink()  # a hit must not need the slide: only its digest
     second = lookup_or_embed(engine, store, slide, digest)
     assert second.hit and second.key == first.key and second.folder == first.folder
@@ -141,7 +142,7 @@ def test_publishing_a_folder_without_result_json_is_refused(tmp_path: Path) -> N
     store = ResultStore(tmp_path / "store")
     staging = store.staging_dir("half")
     (staging / "features.h5").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="no result.json"):
+    with pytest.raises(FileNotFoundError, match=r"no result\.json"):
         store.publish(staging, "34" * 32)
     assert store.lookup("34" * 32) is None
 
@@ -194,3 +195,14 @@ def test_a_corrupt_digest_entry_is_hashed_again(slide: Path, tmp_path: Path) -> 
     for entry in (tmp_path / "digests").rglob("*.json"):
         entry.write_text("{not json")
     assert cache.digest(slide) == first and cache.hashed == 2
+
+
+def test_the_result_names_its_files_as_the_store_lists_them() -> None:
+    from xmag.results import Artifacts
+
+    names = (
+        Artifacts(heatmap_values="x", cells="cells.geojson", cascade_heatmap="cascade_heatmap.png")
+        .model_dump(exclude={"heatmap_values"})
+        .values()
+    )
+    assert set(names) | {"result.json"} == set(ARTIFACTS)

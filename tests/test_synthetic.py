@@ -9,12 +9,12 @@ import numpy as np
 import openslide
 import pytest
 
+from tests.synthetic import BACKGROUND_RGB, SyntheticSlide, make_large_slide
 from xmag.errors import XmagUsageError
 from xmag.level import choose_level
 from xmag.mpp import MppSource, resolve_mpp
 from xmag.params import TilingParams
 from xmag.readers import open_slide
-from xmag.synthetic import BACKGROUND_RGB, SyntheticSlide, make_large_slide
 from xmag.tiles import iter_tile_batches, read_tile
 
 # Tile counts: the detector sees the slide through a thumbnail and its own colour thresholds, so

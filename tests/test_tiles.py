@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xmag.errors import RegionReadError
+from tests.synthetic import make_large_slide
+from xmag.errors import RegionReadError, XmagUsageError
 from xmag.grid import TileGrid
 from xmag.level import LevelChoice, choose_level
+from xmag.params import TilingParams
+from xmag.plan import plan_slide
 from xmag.readers import open_slide
 from xmag.readers.base import LevelInfo, MetadataMpp, SlideReader
-from xmag.synthetic import make_large_slide
-from xmag.tiles import TileBatch, iter_tile_batches, read_tile
+from xmag.tiles import SlideTiles, TileBatch, iter_tile_batches, read_tile, read_tile_at
 
 NDPI = "test3-DAPI-2-387.ndpi"
 CMU = "CMU-1-Small-Region.svs"
@@ -340,3 +342,43 @@ def test_reads_never_run_more_than_max_pending_batches_ahead_of_the_consumer(
         assert yielded == grid.n_kept > 10 * batch_size
         assert worst_ahead <= max_pending * batch_size
         assert worst_ahead > batch_size  # reads do run ahead
+
+
+# -- reads at any origin and the planned slide ----------------------------------------------------
+def test_a_read_at_a_grid_tiles_origin_is_that_tile_and_a_shifted_origin_rounds_to_level_pixels(
+    slides_dir: Path,
+) -> None:
+    with open_slide(slides_dir / NDPI) as reader:
+        mpp = reader.metadata_mpp()
+        assert mpp is not None
+        level = choose_level(reader, mpp.mpp_x, 2.0)  # level 3, downsample 8
+        grid = hand_grid(reader.dimensions, mpp.mpp_x, tile_px=64, target_mpp=2.0, keep_every=7)
+        for index in grid.kept_indices()[:4]:
+            xy = grid.level0_xy[index]
+            tile = read_tile(reader, grid, level, int(index))
+            np.testing.assert_array_equal(read_tile_at(reader, level, xy, 64), tile)
+        # Level-0 origins 8*k-4 .. 8*k+3 all start at level pixel k (rounded half up).
+        base = read_tile_at(reader, level, (800, 1600), 64)
+        np.testing.assert_array_equal(read_tile_at(reader, level, (796, 1603), 64), base)
+        assert not np.array_equal(read_tile_at(reader, level, (804, 1600), 64), base)
+        with pytest.raises(XmagUsageError, match="tile_px"):
+            read_tile_at(reader, level, (0, 0), 0)
+
+
+def test_a_planned_slide_reads_the_kept_tiles_of_its_plan_like_the_engine(
+    slides_dir: Path,
+) -> None:
+    params = TilingParams(tile_px=224, target_mpp=2.0)
+    with SlideTiles.open(slides_dir / CMU, params) as slide:
+        kept = slide.plan.grid.kept_indices()
+        pixels = slide.pixels()
+        assert pixels.shape == (len(kept), 224, 224, 3) and len(kept) > 0
+        for k, index in enumerate(kept):
+            want = read_tile(slide.reader, slide.plan.grid, slide.plan.level, int(index))
+            np.testing.assert_array_equal(pixels[k], want)
+        assert slide.pixels(np.array([], np.int64)).shape == (0, 224, 224, 3)
+    with open_slide(slides_dir / CMU) as reader:
+        plan = plan_slide(reader, params)
+    np.testing.assert_array_equal(plan.grid.level0_xy, slide.plan.grid.level0_xy)
+    with pytest.raises(XmagUsageError, match="closed"):
+        slide.pixels()

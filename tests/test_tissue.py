@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 
 import xmag.tissue as tissue_module
 from xmag.errors import XmagUsageError
+from xmag.params import SlideOptions, TilingParams
+from xmag.plan import plan_slide
 from xmag.readers import open_slide
 from xmag.stain import Modality, guess_modality, ink_colour
 from xmag.tissue import (
@@ -18,6 +22,7 @@ from xmag.tissue import (
     MIN_TISSUE_UM2,
     TissueMask,
     detect_tissue,
+    detector_for,
     register_detector,
     registered_detectors,
     tissue_mask_from_image,
@@ -326,3 +331,66 @@ def test_synthetic_he_and_ihc_scenes_are_told_apart() -> None:
 def test_guess_modality_refuses_a_mask_of_another_shape() -> None:
     with pytest.raises(ValueError, match="mask shape"):
         guess_modality(np.zeros((10, 10, 3), np.uint8), np.zeros((5, 5), bool))
+
+
+# -- one modality guess per slide ------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_the_mask_carries_the_modality_that_chose_its_detector(
+    name: str, real_masks: dict[str, TissueMask]
+) -> None:
+    tm = real_masks[name]
+    assert tm.modality is REAL[name][2], tm.modality_scores
+    assert tm.method == detector_for(tm.modality)
+    # The guess is the one guess_modality gives on the thumbnail and its mask.
+    assert guess_modality(tm.thumbnail, tm.mask) == (tm.modality, tm.modality_scores)
+
+
+@pytest.mark.parametrize("name", ["test3-DAPI-2-387.ndpi", "CMU-1-Small-Region.svs"])
+def test_the_qc_names_the_modality_of_the_tissue_stage_and_cannot_disagree_with_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_slide(SLIDES / name) as reader:
+        plan = plan_slide(reader, TilingParams(default_mpp=0.5, tissue_threshold=0.1))
+    assert plan.qc.modality == str(plan.tissue.modality)
+    assert plan.qc.modality_scores == dict(plan.tissue.modality_scores)
+    assert plan.tissue.method == detector_for(plan.tissue.modality)
+    assert not any("tissue was detected with" in w for w in plan.qc.warnings)
+
+    # The QC takes the tissue stage's guess as it is: a forged one comes out unchanged, which a
+    # second guess of its own would have replaced.
+    def forged(*args: Any, **kwargs: Any) -> TissueMask:
+        tm = detect_tissue(*args, **kwargs)
+        return dataclasses.replace(tm, modality=Modality.UNKNOWN, modality_scores={"forged": 1.0})
+
+    monkeypatch.setattr("xmag.plan.detect_tissue", forged)
+    with open_slide(SLIDES / name) as reader:
+        plan = plan_slide(reader, TilingParams(default_mpp=0.5, tissue_threshold=0.1))
+    assert (plan.qc.modality, plan.qc.modality_scores) == ("unknown", {"forged": 1.0})
+
+
+def test_a_detector_chosen_by_name_reaches_the_tissue_stage_and_the_qc_says_it_does_not_fit() -> (
+    None
+):
+    with open_slide(SLIDES / "test3-DAPI-2-387.ndpi") as reader:
+        params = TilingParams(default_mpp=0.5, tissue_detector="brightfield")
+        plan = plan_slide(reader, params)
+    assert plan.tissue.method == "brightfield"
+    assert plan.qc.modality == "fluorescence"
+    assert any("'brightfield' on a slide that looks fluorescence" in w for w in plan.qc.warnings)
+
+
+def test_the_tissue_detector_option_accepts_registered_names_and_refuses_others() -> None:
+    assert TilingParams().tissue_detector == "auto"
+    for name in ("auto", *registered_detectors()):
+        assert TilingParams(tissue_detector=name).tissue_detector == name
+        assert SlideOptions(tissue_detector=name).tissue_detector == name
+    with pytest.raises(ValueError, match="choose one of auto, brightfield, fluorescence"):
+        TilingParams(tissue_detector="otsu-magic")
+    with pytest.raises(ValueError, match="choose one of auto"):
+        SlideOptions(tissue_detector="otsu-magic")
+
+
+def test_a_newly_registered_detector_is_a_valid_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tissue_module, "_DETECTORS", dict(tissue_module._DETECTORS))
+    register_detector("everything")(lambda rgb, um: np.ones(rgb.shape[:2], bool))
+    assert TilingParams(tissue_detector="everything").tissue_detector == "everything"

@@ -13,7 +13,15 @@ from tests.torch_required import require_torch
 require_torch()
 
 from training.config import MilConfig  # noqa: E402
-from training.mil import cross_validate, load_bags, roc_auc, stratified_kfold  # noqa: E402
+from training.errors import CohortTooSmallError, LabelsError  # noqa: E402
+from training.mil import (  # noqa: E402
+    cross_validate,
+    load_bags,
+    read_labels_csv,
+    roc_auc,
+    slide_id_of,
+    stratified_kfold,
+)
 
 
 def _planted_bags(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
@@ -53,8 +61,10 @@ def test_stratified_folds_partition_the_bags_and_keep_class_proportions() -> Non
     for train, test in folds:
         assert set(train).isdisjoint(test)
         assert sorted(np.asarray(labels)[test].tolist()) == [0, 0, 0, 0, 1, 1]
-    with pytest.raises(ValueError, match="fewer than"):
-        stratified_kfold([0, 0, 0, 1], 2, seed=0)
+    with pytest.raises(CohortTooSmallError, match="--folds 3 or fewer") as info:
+        stratified_kfold([0, 0, 0, 1, 1, 1, 1], 4, seed=0, names=["a", "b"])
+    assert info.value.code == "COHORT_TOO_SMALL"
+    assert info.value.fields["class_counts"] == {"a": 3, "b": 4}
 
 
 def test_roc_auc_counts_ties_as_half_and_handles_multiclass() -> None:
@@ -77,5 +87,54 @@ def test_bags_load_from_features_h5_files_and_a_labels_csv(tmp_path: Path) -> No
         ("b", (7, 8), 1),
     ]
     (tmp_path / "labels.csv").write_text("slide_id,label\nc,normal\n")
-    with pytest.raises(FileNotFoundError, match="no features for slide 'c'"):
+    with pytest.raises(LabelsError, match="no features for slide 'c'"):
         load_bags(tmp_path, tmp_path / "labels.csv")
+
+
+def test_one_slide_id_convention_reads_file_names_and_embed_folders_alike(
+    tmp_path: Path,
+) -> None:
+    assert slide_id_of("CMU-1-Small-Region.svs") == "CMU-1-Small-Region"
+    assert slide_id_of("OS-2-ndpi.ome.tif") == "OS-2-ndpi"
+    assert slide_id_of("BPAEC-dicom") == "BPAEC-dicom"
+    (tmp_path / "a.csv").write_text("slide_id,label\nCMU-1-Small-Region.svs,he\nOS-2-ndpi,ihc\n")
+    assert read_labels_csv(tmp_path / "a.csv") == {"CMU-1-Small-Region": "he", "OS-2-ndpi": "ihc"}
+    (tmp_path / "b.csv").write_text("slide_id,label\nx.svs,he\nx,ihc\n")
+    with pytest.raises(LabelsError, match="twice"):
+        read_labels_csv(tmp_path / "b.csv")
+
+
+def _write_bags(root: Path, labels: dict[str, str]) -> Path:
+    rng = np.random.default_rng(0)
+    for sid in labels:
+        (root / sid).mkdir(parents=True)
+        with h5py.File(root / sid / "features.h5", "w") as fh:
+            fh["features"] = rng.normal(size=(6, 8)).astype(np.float32)
+            fh["coords"] = np.zeros((6, 2), dtype=np.int64)
+    csv = root / "labels.csv"
+    csv.write_text("slide_id,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    return csv
+
+
+def test_train_mil_on_a_small_cohort_writes_what_it_can_and_exits_with_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import json
+    import sys
+
+    from training.cli import main
+
+    csv = _write_bags(tmp_path / "features", {"a": "x", "b": "x", "c": "x", "d": "y"})
+    out = tmp_path / "mil"
+    argv = ["training", "train-mil", "--features", str(tmp_path / "features"), "--labels"]
+    monkeypatch.setattr(sys, "argv", [*argv, str(csv), "--out", str(out), "--epochs", "1"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 5
+    err = capsys.readouterr().err
+    assert "[COHORT_TOO_SMALL]" in err and "Traceback" not in err
+    report = json.loads((out / "cv.json").read_text())
+    assert report["class_counts"] == {"x": 3, "y": 1}
+    assert report["cross_validation"]["skipped"]["code"] == "COHORT_TOO_SMALL"
+    assert report["head"]["trained_on_slides"] == 4
+    assert report["predict_the_prior_baseline"] == {"auc": 0.5, "accuracy": 0.75}

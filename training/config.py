@@ -13,6 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from xmag.params import SlideOptions, TilingParams
+from xmag.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
+
 __all__ = [
     "AugmentConfig",
     "DataConfig",
@@ -27,8 +30,6 @@ __all__ = [
     "TeacherKind",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_MPP = 0.5  # um/px, "20x"
 STUDENT_MPP = 2.0  # um/px, "5x"
 GRID = 4  # the 20x field is GRID x GRID teacher tiles
@@ -49,10 +50,16 @@ class StudentView(StrEnum):
 
 
 class TeacherConfig(_Cfg):
-    kind: TeacherKind = TeacherKind.TIMM
+    kind: TeacherKind = Field(
+        TeacherKind.TIMM,
+        description="'timm': a timm model with local weights (UNI2-h by default, weights required);"
+        " 'handcrafted': stain and texture statistics, no weights (to try the pipeline)",
+    )
     arch: str = Field("uni2-h", description="'uni2-h' or any timm model name")
     weights: Path | None = Field(None, description="local state-dict file; required for timm")
-    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra timm.create_model arguments of the teacher"
+    )
     tile_px: int = Field(224, ge=16, description="teacher tile side, pixels at mpp")
     mpp: float = Field(TEACHER_MPP, gt=0, description="um/px of the teacher's tiles")
     embed_dim: int | None = Field(None, description="output dim; read from the model when None")
@@ -61,18 +68,36 @@ class TeacherConfig(_Cfg):
 
 
 class StudentConfig(_Cfg):
-    arch: str = "vit_base_patch14_dinov2"
+    arch: str = Field(
+        "vit_base_patch14_dinov2",
+        description="timm ViT of the student (ViT-B/14 DINOv2 layout, the XMAG paper's)",
+    )
     img_size: int = Field(224, ge=28, description="student input side, pixels at mpp")
     mpp: float = Field(STUDENT_MPP, gt=0, description="um/px of the student's input")
     weights: Path | None = Field(None, description="local DINOv2 weights; None = random init")
-    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra timm.create_model arguments (e.g. embed_dim, depth for a small student)",
+    )
+    mean: tuple[float, float, float] = Field(
+        IMAGENET_MEAN, description="per-channel mean of RGB in [0, 1], written to the card"
+    )
+    std: tuple[float, float, float] = Field(
+        IMAGENET_STD, description="per-channel std of RGB in [0, 1], written to the card"
+    )
+
+    def preprocessor(self) -> Preprocessor:
+        """The core's preprocessing of the student's input (what the exported card states)."""
+        return Preprocessor(mean=self.mean, std=self.std)
 
 
 class LossConfig(_Cfg):
-    global_weight: float = Field(1.0, ge=0)
-    local_weight: float = Field(0.5, ge=0)
+    global_weight: float = Field(
+        1.0, ge=0, description="weight of student CLS vs mean teacher tile embedding"
+    )
+    local_weight: float = Field(
+        0.5, ge=0, description="weight of pooled patch tokens vs each 20x teacher tile"
+    )
     head_hidden: int | None = Field(
         None, description="projection hidden width; teacher dim if None"
     )
@@ -80,26 +105,39 @@ class LossConfig(_Cfg):
 
 
 class AugmentConfig(_Cfg):
-    hflip: float = Field(0.5, ge=0, le=1)
-    vflip: float = Field(0.5, ge=0, le=1)
-    brightness: float = Field(0.2, ge=0)
-    contrast: float = Field(0.2, ge=0)
-    saturation: float = Field(0.2, ge=0)
-    hue: float = Field(0.02, ge=0, le=0.5)
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    vflip: float = Field(0.5, ge=0, le=1, description="probability of a vertical flip")
+    brightness: float = Field(0.2, ge=0, description="colour jitter: brightness range")
+    contrast: float = Field(0.2, ge=0, description="colour jitter: contrast range")
+    saturation: float = Field(0.2, ge=0, description="colour jitter: saturation range")
+    hue: float = Field(0.02, ge=0, le=0.5, description="colour jitter: hue range (turns)")
     views: int = Field(2, ge=1, description="augmented views per field")
 
 
-class SlideEntry(_Cfg):
-    path: Path
-    mpp_override: float | None = Field(None, gt=0)
-    default_mpp: float | None = Field(None, gt=0)
-    label: str | None = None
+class SlideEntry(SlideOptions):
+    """A training slide: its path, its label, and the core's per-slide options (``mpp_override``,
+    ``default_mpp``, ``tissue_threshold``, ``tissue_detector``: ``xmag.params.SlideOptions``)."""
+
+    path: Path = Field(description="slide file or DICOM folder")
+    label: str | None = Field(None, description="class label (unused by distillation)")
+
+    def tiling_params(self, *, tile_px: int, target_mpp: float, **extra: Any) -> TilingParams:
+        """The core's tiling of this slide at ``tile_px`` / ``target_mpp``: its options (those
+        set) under ``extra`` (e.g. ``overlap_px``, or a run's ``tissue_threshold``)."""
+        options = self.model_dump(include=set(SlideOptions.model_fields), exclude_none=True)
+        return TilingParams(tile_px=tile_px, target_mpp=target_mpp, **{**options, **extra})
 
 
 class DataConfig(_Cfg):
-    slides: tuple[SlideEntry, ...] = ()
+    slides: tuple[SlideEntry, ...] = Field(
+        (), description="slides to sample tissue fields from (SlideEntry list)"
+    )
     crops_dir: Path | None = Field(None, description="folder-of-crops mode (written by extract)")
-    student_view: StudentView = StudentView.PYRAMID
+    student_view: StudentView = Field(
+        StudentView.PYRAMID,
+        description="'pyramid': 5x view read from the slide's pyramid (as served); 'resize': "
+        "area-resized 20x crop (as the paper)",
+    )
     min_tissue: float = Field(0.5, ge=0, le=1, description="tissue fraction a field needs")
     allow_upsample: bool = Field(
         False, description="accept slides whose level-0 mpp is coarser than the teacher's"
@@ -113,29 +151,35 @@ class DataConfig(_Cfg):
 
 
 class OptimConfig(_Cfg):
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    clip_grad: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    steps: int = Field(1000, ge=1)
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms/biases)")
+    clip_grad: float = Field(1.0, gt=0, description="gradient norm clip")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    steps: int = Field(1000, ge=1, description="schedule length: cosine decay ends here")
     batch_size: int = Field(32, ge=1, description="fields per process per step")
-    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="final lr / peak lr")
 
 
 class DistillConfig(_Cfg):
-    teacher: TeacherConfig = TeacherConfig()
-    student: StudentConfig = StudentConfig()
-    loss: LossConfig = LossConfig()
-    augment: AugmentConfig = AugmentConfig()
-    data: DataConfig
-    optim: OptimConfig = OptimConfig()
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    amp: str = Field("auto", pattern="^(auto|off|bf16|fp16)$")
-    seed: int = 0
-    out_dir: Path = Path("runs/distill")
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    device: str = "auto"
+    teacher: TeacherConfig = Field(TeacherConfig(), description="the 20x teacher (TeacherConfig)")
+    student: StudentConfig = Field(StudentConfig(), description="the 5x student (StudentConfig)")
+    loss: LossConfig = Field(LossConfig(), description="distillation loss (LossConfig)")
+    augment: AugmentConfig = Field(AugmentConfig(), description="paired augmentation")
+    data: DataConfig = Field(description="where fields come from (DataConfig); required")
+    optim: OptimConfig = Field(OptimConfig(), description="optimiser and schedule (OptimConfig)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of the student (exported)")
+    amp: str = Field(
+        "auto",
+        pattern="^(auto|off|bf16|fp16)$",
+        description="mixed precision: auto (fp16 on CUDA, off on CPU), off, bf16, fp16",
+    )
+    seed: int = Field(0, description="seeds weights, fields and augmentations")
+    out_dir: Path = Field(
+        Path("runs/distill"), description="run folder: checkpoint.pt, metrics.jsonl"
+    )
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between loss lines")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda:0'...")
 
     @property
     def field_px(self) -> int:
@@ -144,10 +188,10 @@ class DistillConfig(_Cfg):
 
 
 class MilConfig(_Cfg):
-    hidden: int = Field(128, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(20, ge=1)
-    folds: int = Field(5, ge=2)
-    seed: int = 0
+    hidden: int = Field(128, ge=1, description="attention and classifier hidden width")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the head")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    epochs: int = Field(20, ge=1, description="passes over the bags (one bag per step)")
+    folds: int = Field(5, ge=2, description="stratified cross-validation folds")
+    seed: int = Field(0, description="seeds the head and the folds")

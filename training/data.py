@@ -3,6 +3,8 @@
 A field is ``grid * tile_px`` teacher pixels a side at the teacher's mpp (896 px at 0.5 um/px =
 448 um) and ``img_size`` student pixels at the student's mpp (224 px at 2.0 um/px). Fields are
 drawn from tissue (the core's ``detect_tissue`` mask) on slides whose mpp the core resolves.
+Both views are read with the core's ``read_tile_at`` (level choice, origin rounding and resampling
+of the served tiles), so a field whose corner is a grid cell's sees exactly the served 5x tile.
 Sources share one protocol, ``draw(n, rng) -> list[FieldPair]``: ``SlideFieldSampler`` reads
 slides, ``CropFolder`` reads crops written by ``training.extract``.
 """
@@ -24,6 +26,7 @@ from xmag.errors import NoTissueError, SlideError
 from xmag.level import LEVEL_MATCH_TOLERANCE, choose_level
 from xmag.mpp import resolve_mpp
 from xmag.readers import SlideReader, open_slide
+from xmag.tiles import read_tile_at
 from xmag.tissue import TissueMask
 
 __all__ = [
@@ -98,25 +101,6 @@ def _default_tissue(reader: SlideReader) -> TissueMask:
     return detect_tissue(reader)
 
 
-def _read_resized(
-    reader: SlideReader,
-    level0_xy: tuple[int, int],
-    level0_side: float,
-    mpp: float,
-    target_mpp: float,
-    out_px: int,
-) -> np.ndarray:
-    """Read a square of ``level0_side`` level-0 px from the level closest to ``target_mpp`` from
-    above and resize it to ``out_px`` (area filter down, cubic up), as the service's tiles are."""
-    lc = choose_level(reader, mpp, target_mpp)
-    read_px = max(1, round(level0_side / lc.level_downsample))
-    region = reader.read_region(level0_xy, lc.level, (read_px, read_px))
-    if read_px == out_px:
-        return np.ascontiguousarray(region)
-    interp = cv2.INTER_AREA if read_px > out_px else cv2.INTER_CUBIC
-    return cv2.resize(region, (out_px, out_px), interpolation=interp)
-
-
 class SlideFields:
     """Field reading and tissue-candidate positions for one slide (keeps the reader open).
 
@@ -151,6 +135,9 @@ class SlideFields:
                 mpp=self.mpp,
             )
         self.level0_side = geometry.field_um / self.mpp
+        # The levels the service reads at each mpp: the views are tiles of those reads.
+        self.hi_level = choose_level(self.reader, self.mpp, geometry.hi_mpp)
+        self.lo_level = choose_level(self.reader, self.mpp, geometry.lo_mpp)
         w0, h0 = self.reader.dimensions
         if min(w0, h0) < self.level0_side:
             # A field hanging off the slide would train on padding, not tissue.
@@ -191,15 +178,17 @@ class SlideFields:
         return np.round(corners).astype(np.int64)
 
     def read(self, level0_xy: tuple[int, int]) -> FieldPair:
-        """The field whose top-left is ``level0_xy`` (level-0 px) at 20x and at 5x."""
+        """The field whose top-left is ``level0_xy`` (level-0 px) at 20x and at 5x.
+
+        Each view is the core's ``read_tile_at`` of one square at its mpp: the 5x view equals the
+        tile the service reads at 2.0 um/px for a grid cell starting at ``level0_xy``.
+        """
         g = self.geometry
-        hi = _read_resized(self.reader, level0_xy, self.level0_side, self.mpp, g.hi_mpp, g.hi_px)
+        hi = read_tile_at(self.reader, self.hi_level, level0_xy, g.hi_px)
         if self.student_view is StudentView.RESIZE:
             lo = cv2.resize(hi, (g.lo_px, g.lo_px), interpolation=cv2.INTER_AREA)
         else:
-            lo = _read_resized(
-                self.reader, level0_xy, self.level0_side, self.mpp, g.lo_mpp, g.lo_px
-            )
+            lo = read_tile_at(self.reader, self.lo_level, level0_xy, g.lo_px)
         return FieldPair(hi, lo, str(self.entry.path), level0_xy, self.student_view.value)
 
     def random_xy(self, rng: np.random.Generator) -> tuple[int, int]:

@@ -7,6 +7,9 @@ an uninterrupted run would have seen (the RNG states are saved as well, for anyt
 DDP: launch with ``torchrun --nproc-per-node N -m training distill ...``; the process group is
 read from the environment (gloo on CPU, nccl on CUDA). Each rank draws its own fields; gradients
 are averaged; the EMA and the checkpoints are kept identically on every rank, written by rank 0.
+
+Interrupts: a ``KeyboardInterrupt`` (SIGINT, Ctrl-C) during ``run`` saves the checkpoint of the
+last completed step before it propagates, so ``--resume`` continues from there.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 from training.augment import cut_tiles, paired_augment, to_float
 from training.config import DistillConfig
 from training.data import FieldSource, pairs_to_arrays
+from training.errors import ResumeMismatchError
 from training.losses import DistillLoss
 from training.models import CHECKPOINT_FORMAT, build_student, load_checkpoint, student_tokens
+from training.normalise import Normalise, preprocess_tiles
 from training.teachers import HandcraftedTeacher, Teacher
 
 __all__ = ["DistillStep", "Distiller", "StudentWithHeads", "init_distributed", "resolve_device"]
@@ -62,14 +67,13 @@ def init_distributed() -> tuple[int, int]:
 class StudentWithHeads(nn.Module):
     """What DDP wraps: the student and the distillation heads, returning the loss dict."""
 
-    def __init__(self, student: nn.Module, loss: DistillLoss, mean: Tensor, std: Tensor):
+    def __init__(self, student: nn.Module, loss: DistillLoss, normalise: Normalise):
         super().__init__()
-        self.student, self.loss = student, loss
-        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.student, self.loss, self.normalise = student, loss, normalise
 
     def forward(self, lo: Tensor, teacher_tiles: Tensor) -> dict[str, Tensor]:
-        cls, patches = student_tokens(self.student, (lo - self.mean) / self.std)
+        """``lo``: (B, 3, S, S) 5x views in [0, 1], normalised here as the engine does."""
+        cls, patches = student_tokens(self.student, self.normalise(lo))
         return self.loss(cls, patches, teacher_tiles)
 
 
@@ -108,9 +112,8 @@ class Distiller:
             global_weight=cfg.loss.global_weight,
             local_weight=cfg.loss.local_weight,
         )
-        self.model = StudentWithHeads(student, loss, torch.tensor(s.mean), torch.tensor(s.std)).to(
-            self.device
-        )
+        self.preprocessor = s.preprocessor()
+        self.model = StudentWithHeads(student, loss, Normalise(self.preprocessor)).to(self.device)
         self.ema = copy.deepcopy(student).to(self.device).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -125,6 +128,9 @@ class Distiller:
         )
         self.step = 0
         self.history: list[DistillStep] = []
+        # Starts, resumes, extensions and overwrites of this run, saved in the checkpoint.
+        self.run_log: list[dict[str, Any]] = []
+        self.interrupted = False
 
     # -- schedule ------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -208,14 +214,23 @@ class Distiller:
         checkpoint_path: Path | None = None,
     ) -> list[DistillStep]:
         """Train ``steps`` more steps, checkpointing every ``checkpoint_every`` and at the end."""
-        out = []
-        for _ in range(steps):
-            rec = self.train_step()
-            out.append(rec)
-            if on_step is not None:
-                on_step(rec)
-            if checkpoint_path is not None and self.step % self.cfg.checkpoint_every == 0:
+        out: list[DistillStep] = []
+        try:
+            for _ in range(steps):
+                rec = self.train_step()
+                out.append(rec)
+                if on_step is not None:
+                    on_step(rec)
+                if checkpoint_path is not None and self.step % self.cfg.checkpoint_every == 0:
+                    self.save(checkpoint_path)
+        except KeyboardInterrupt:
+            # Keep the completed steps: a step interrupted half-way changed nothing saved
+            # (train_step updates self.step last), so the checkpoint is consistent.
+            self.interrupted = True
+            if checkpoint_path is not None:
+                self.run_log.append({"event": "interrupt", "step": self.step})
                 self.save(checkpoint_path)
+            raise
         if checkpoint_path is not None and out and self.step % self.cfg.checkpoint_every:
             self.save(checkpoint_path)
         return out
@@ -252,6 +267,15 @@ class Distiller:
                 "python": random.getstate(),
             },
             "history": [r.__dict__ for r in self.history],
+            "run_log": list(self.run_log),
+            "lineage": [
+                {
+                    "stage": "distill",
+                    "step": self.step,
+                    "steps": self.cfg.optim.steps,
+                    "teacher": f"{self.cfg.teacher.kind.value}:{self.cfg.teacher.arch}",
+                }
+            ],
         }
 
     def save(self, path: Path) -> None:
@@ -268,19 +292,33 @@ class Distiller:
         if dist.is_initialized():
             dist.barrier()
 
-    def resume(self, path: Path) -> None:
-        """Restore model, EMA, heads, optimizer, scheduler, scaler, step, history and RNG."""
-        ckpt = load_checkpoint(path)
-        self.model.student.load_state_dict(ckpt["student"])
-        self.ema.load_state_dict(ckpt["student_ema"])
-        self.model.loss.load_state_dict(ckpt["distill_heads"])
-        if ckpt.get("teacher_state") is not None:
-            self.teacher.load_state_dict(ckpt["teacher_state"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def resume(self, path: Path | dict[str, Any]) -> None:
+        """Restore model, EMA, heads, optimizer, scheduler, scaler, step, history and RNG.
+
+        Check the config first with ``training.resume.plan_run`` (the CLI does).
+
+        Raises:
+            ResumeMismatchError: the checkpoint's tensors do not fit this run's networks.
+        """
+        ckpt = path if isinstance(path, dict) else load_checkpoint(path)
+        try:
+            self.model.student.load_state_dict(ckpt["student"])
+            self.ema.load_state_dict(ckpt["student_ema"])
+            self.model.loss.load_state_dict(ckpt["distill_heads"])
+            if ckpt.get("teacher_state") is not None:
+                self.teacher.load_state_dict(ckpt["teacher_state"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise ResumeMismatchError(
+                f"the checkpoint does not fit the networks of this config ({type(exc).__name__}: "
+                f"{first}); resume with the config it was trained with, or start a new run.",
+            ) from exc
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.history = [DistillStep(**r) for r in ckpt.get("history", [])]
+        self.run_log = list(ckpt.get("run_log") or [])
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -294,9 +332,9 @@ class Distiller:
         self.model.eval()
         for i in range(0, len(source_pairs), self.cfg.optim.batch_size):
             hi_np, lo_np = pairs_to_arrays(source_pairs[i : i + self.cfg.optim.batch_size])
-            hi, lo = to_float(hi_np).to(self.device), to_float(lo_np).to(self.device)
-            t = self.teacher_targets(hi)
-            cls, _ = student_tokens(student, (lo - self.model.mean) / self.model.std)
+            t = self.teacher_targets(to_float(hi_np).to(self.device))
+            x = preprocess_tiles(self.preprocessor, lo_np, self.device)
+            cls, _ = student_tokens(student, x)
             g = self.model.loss.global_head(cls)
             yield torch.nn.functional.cosine_similarity(g, t.mean(1), dim=-1)
 

@@ -4,6 +4,11 @@ Agreement is measured on held-out fields: the cosine between the student's proje
 mean teacher tile embedding (what the global loss optimises), the cosine of each pooled patch
 token's projection with its 20x tile, and linear CKA between student CLS and teacher mean (which
 needs no projection head, so it also compares students trained with different heads).
+
+Every agreement comes with the predict-the-mean baseline (each field scored against the mean
+teacher embedding of the *other* fields, which a constant student can reach) and the spread of
+the student's embeddings (``training.spread``): a student whose CLS is (nearly) the same vector
+for every field is flagged ``collapsed``, whatever its cosines.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from training.augment import cut_tiles, to_float
 from training.data import FieldPair, pairs_to_arrays
 from training.losses import DistillLoss, linear_cka, pool_patch_tokens
 from training.models import student_tokens
+from training.normalise import preprocess_tiles
+from training.spread import embedding_spread
 from training.teachers import Teacher
+from xmag.preprocess import Preprocessor
 
 __all__ = [
     "field_agreement",
@@ -96,13 +104,14 @@ def field_agreement(
     teacher: Teacher,
     pairs: Sequence[FieldPair],
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
+    preprocessor: Preprocessor,
     batch_size: int = 8,
     reference: torch.Tensor | None = None,
     local_reference: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Teacher-student agreement on (held-out) fields, unaugmented.
+
+    The 5x views go through ``preprocessor`` (the core's, from the student config), as served.
 
     ``reference`` (Dt,), e.g. the mean teacher field embedding of the training fields, adds
     ``constant_baseline_cosine``: how well predicting that one vector for every field would score;
@@ -111,19 +120,18 @@ def field_agreement(
     Returns:
         ``global_cosine`` (mean, std, min over fields), ``local_cosine`` (mean over fields and
         the grid*grid positions), ``cka_cls_vs_teacher_mean`` and ``cka_local`` (linear CKA),
-        ``n_fields``.
+        ``n_fields``, ``predict_the_mean_baseline`` (leave-one-field-out mean teacher embedding
+        as the prediction: global and local cosine), ``student_spread`` and ``teacher_spread``
+        (``training.spread.embedding_spread`` of the CLS and of the teacher field means).
     """
     student.eval()
     heads.eval()
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
     g_cos, l_cos, cls_all, tmean_all, loc_all, tloc_all = [], [], [], [], [], []
     for i in range(0, len(pairs), batch_size):
         hi_np, lo_np = pairs_to_arrays(pairs[i : i + batch_size])
-        hi, lo = to_float(hi_np), to_float(lo_np)
-        tiles = cut_tiles(hi, heads.grid)
+        tiles = cut_tiles(to_float(hi_np), heads.grid)
         t = teacher(tiles.flatten(0, 1)).view(tiles.shape[0], tiles.shape[1], -1)
-        cls, patches = student_tokens(student, (lo - m) / s)
+        cls, patches = student_tokens(student, preprocess_tiles(preprocessor, lo_np))
         local = pool_patch_tokens(patches, heads.grid)
         g_cos.append(F.cosine_similarity(heads.global_head(cls), t.mean(1), dim=-1))
         l_cos.append(F.cosine_similarity(heads.local_head(local), t, dim=-1).flatten())
@@ -140,9 +148,27 @@ def field_agreement(
         tiles_t = torch.cat(tloc_all)
         base = F.cosine_similarity(tiles_t, local_reference.view(1, -1), dim=-1)
         extra["constant_baseline_local_cosine"] = {"mean": float(base.mean())}
+    tmean = torch.cat(tmean_all).double()
+    tloc = torch.cat(tloc_all).double()
+    baseline: dict[str, Any] = {}
+    if len(tmean) > 1:  # leave-one-out: the mean of the other fields, never the field itself
+        loo = (tmean.sum(0, keepdim=True) - tmean) / (len(tmean) - 1)
+        baseline["global_cosine"] = float(F.cosine_similarity(tmean, loo, dim=-1).mean())
+        per_field = tloc.view(len(tmean), -1, tloc.shape[-1])
+        k = per_field.shape[1]
+        loo_local = (per_field.sum((0, 1), keepdim=True) - per_field.sum(1, keepdim=True)) / (
+            (len(tmean) - 1) * k
+        )
+        baseline["local_cosine"] = float(
+            F.cosine_similarity(per_field, loo_local.expand_as(per_field), dim=-1).mean()
+        )
+    cls_np = torch.cat(cls_all).double().numpy()
     return {
         **extra,
         "n_fields": len(pairs),
+        "predict_the_mean_baseline": baseline,
+        "student_spread": embedding_spread(cls_np),
+        "teacher_spread": embedding_spread(tmean.numpy()),
         "global_cosine": {"mean": float(g.mean()), "std": float(g.std()), "min": float(g.min())},
         "local_cosine": {"mean": float(torch.cat(l_cos).mean())},
         "cka_cls_vs_teacher_mean": linear_cka(torch.cat(cls_all), torch.cat(tmean_all)),

@@ -4,6 +4,14 @@ Each step takes one slide (classes drawn uniformly), a random subset of its 5x t
 flow through the student for those tiles only, bounding memory), and the MIL cross-entropy; when a
 teacher and a field source are given, the distillation loss on a batch of fields is added with
 weight ``distill_weight`` so the student keeps what it learned from the teacher.
+
+Heads, on purpose: the head named ``head_name`` starts from the checkpoint's head of that name
+(trained by ``train-mil`` on this student's embeddings) when ``head="carry"`` and one exists with
+the same labels (other labels are refused); ``head="fresh"`` starts a new one. Every *other*
+head was trained on the embeddings of the student before fine-tuning, which change: they are
+dropped (``keep_other_heads=True`` keeps them, marked stale). The lineage (distill -> mil ->
+finetune) and these choices are recorded in the checkpoint (``lineage``), which the export's card
+repeats.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.augment import to_float
 from training.config import DistillConfig, SlideEntry
 from training.data import FieldSource
 from training.distill import Distiller
+from training.errors import LabelsError
 from training.mil import head_entry
 from training.models import GatedAttentionMIL, load_checkpoint, student_tokens
+from training.normalise import preprocess_tiles
 from training.teachers import Teacher
 
 __all__ = ["FinetuneConfig", "finetune", "read_slide_tiles"]
@@ -31,17 +40,31 @@ __all__ = ["FinetuneConfig", "finetune", "read_slide_tiles"]
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=1, description="optimiser steps, one slide each")
     tiles_per_slide: int = Field(16, ge=1, description="tiles with gradients per step")
-    student_lr: float = Field(1e-5, gt=0)
-    head_lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    clip_grad: float = Field(1.0, gt=0)
-    mil_hidden: int = Field(128, ge=1)
-    distill_weight: float = Field(0.5, ge=0)
-    distill_batch: int = Field(4, ge=1)
-    head_name: str = "slide"
-    seed: int = 0
+    student_lr: float = Field(1e-5, gt=0, description="AdamW lr of the student")
+    head_lr: float = Field(2e-4, gt=0, description="AdamW lr of the MIL head")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    clip_grad: float = Field(1.0, gt=0, description="gradient norm clip")
+    mil_hidden: int = Field(128, ge=1, description="hidden width of a fresh head")
+    distill_weight: float = Field(
+        0.5, ge=0, description="weight of the distillation loss (needs --crops)"
+    )
+    distill_batch: int = Field(4, ge=1, description="fields per step for the distillation term")
+    head_name: str = Field("slide", description="the head trained (card, heads/<name>.onnx)")
+    head: str = Field(
+        "carry",
+        pattern="^(carry|fresh)$",
+        description="'carry': start from the checkpoint's head of that name (train-mil's) when "
+        "there is one; 'fresh': a new head",
+    )
+    keep_other_heads: bool = Field(
+        False,
+        description="keep the checkpoint's other heads (trained on the pre-finetune "
+        "embeddings; marked stale) instead of dropping them",
+    )
+    log_every: int = Field(10, ge=1, description="steps between loss lines")
+    seed: int = Field(0, description="seeds slide and tile draws")
 
 
 def read_slide_tiles(
@@ -52,32 +75,22 @@ def read_slide_tiles(
     overlap_px: int = 0,
     tissue_threshold: float | None = None,
 ) -> np.ndarray:
-    """(N, tile_px, tile_px, 3) uint8 kept tiles of a slide, read by the core as the service does.
+    """(N, tile_px, tile_px, 3) uint8 kept tiles of a slide: the core's ``SlideTiles``, i.e. the
+    plan and tile reads of the service.
 
     Raises:
         XmagError: the core's typed errors (unknown mpp, no tissue, unreadable slide).
     """
     from xmag.errors import NoTissueError
-    from xmag.params import TilingParams
-    from xmag.plan import plan_slide
-    from xmag.readers import open_slide
-    from xmag.tiles import iter_tile_batches
+    from xmag.tiles import SlideTiles
 
     extra = {} if tissue_threshold is None else {"tissue_threshold": tissue_threshold}
-    params = TilingParams(
-        tile_px=tile_px,
-        target_mpp=mpp,
-        overlap_px=overlap_px,
-        mpp_override=entry.mpp_override,
-        default_mpp=entry.default_mpp,
-        **extra,
-    )
-    with open_slide(entry.path) as reader:
-        plan = plan_slide(reader, params)
-        chunks = [b.pixels for b in iter_tile_batches(reader, plan.grid, plan.level)]
-    if not chunks:
+    params = entry.tiling_params(tile_px=tile_px, target_mpp=mpp, overlap_px=overlap_px, **extra)
+    with SlideTiles.open(entry.path, params) as slide:
+        pixels = slide.pixels()
+    if len(pixels) == 0:
         raise NoTissueError(f"{entry.path} has no tile kept at {mpp} um/px.", path=entry.path)
-    return np.concatenate(chunks)
+    return pixels
 
 
 def finetune(
@@ -110,8 +123,9 @@ def finetune(
     d.model.student.load_state_dict(ckpt["student_ema"])
     d.model.loss.load_state_dict(ckpt["distill_heads"])
     d.ema.load_state_dict(ckpt["student_ema"])
+    d.step = int(ckpt.get("step", 0))  # the student's distillation step, not the finetune's
     names = sorted(set(labels.values()))
-    head = GatedAttentionMIL(int(ckpt["embed_dim"]), cfg.mil_hidden, len(names))
+    head, carried = _start_head(ckpt, cfg, names)
     opt = torch.optim.AdamW(
         [
             {"params": d.model.parameters(), "lr": cfg.student_lr},
@@ -131,7 +145,7 @@ def finetune(
         bank = tiles[sid]
         pick = rng.choice(len(bank), size=min(cfg.tiles_per_slide, len(bank)), replace=False)
         d.model.train()
-        x = (to_float(bank[pick]) - d.model.mean) / d.model.std
+        x = preprocess_tiles(d.preprocessor, bank[pick], d.device)
         emb, _ = student_tokens(d.model.student, x)
         logits, _ = head.forward_logits(emb)
         loss = F.cross_entropy(logits[None], torch.tensor([cls_id]))
@@ -147,9 +161,50 @@ def finetune(
         if on_step is not None:
             on_step(step, history[-1])
     out = d.checkpoint()
-    out["heads"] = {**dict(ckpt.get("heads") or {}), cfg.head_name: head_entry(head, names)}
+    others = {k: v for k, v in dict(ckpt.get("heads") or {}).items() if k != cfg.head_name}
+    kept = {k: {**v, "stale": True} for k, v in others.items()} if cfg.keep_other_heads else {}
+    entry = head_entry(head, names)
+    entry["trained_on"] = {"stage": "finetune", "student_step": d.step}
+    out["heads"] = {**kept, cfg.head_name: entry}
+    out["history"] = list(ckpt.get("history") or [])
+    out["run_log"] = list(ckpt.get("run_log") or [])
+    out["lineage"] = [
+        *(ckpt.get("lineage") or out["lineage"]),
+        {
+            "stage": "finetune",
+            "step": cfg.steps,
+            "head": cfg.head_name,
+            "head_start": "carried from the checkpoint" if carried else "fresh",
+            "dropped_heads": sorted(others) if not cfg.keep_other_heads else [],
+            "stale_heads": sorted(others) if cfg.keep_other_heads else [],
+            "distill_regulariser": regularise,
+            "final_loss": history[-1] if history else None,
+        },
+    ]
     out["finetune"] = {"config": cfg.model_dump(mode="json"), "loss": history}
     return out
+
+
+def _start_head(
+    ckpt: Mapping[str, Any], cfg: FinetuneConfig, names: list[str]
+) -> tuple[GatedAttentionMIL, bool]:
+    """The head to fine-tune and whether it was carried from the checkpoint.
+
+    Raises:
+        LabelsError: ``head="carry"`` and the checkpoint's head has other labels.
+    """
+    entry = (ckpt.get("heads") or {}).get(cfg.head_name)
+    if cfg.head == "fresh" or entry is None:
+        return GatedAttentionMIL(int(ckpt["embed_dim"]), cfg.mil_hidden, len(names)), False
+    if list(entry["labels"]) != names:
+        raise LabelsError(
+            f"the checkpoint's head {cfg.head_name!r} predicts {list(entry['labels'])} but the "
+            f"labels CSV has {names}; use the labels it was trained on, --head fresh for a new "
+            "head, or another --head-name.",
+        )
+    head = GatedAttentionMIL(int(entry["in_dim"]), int(entry["hidden"]), len(names))
+    head.load_state_dict(entry["state_dict"])
+    return head, True
 
 
 class _NoTeacher(Teacher):

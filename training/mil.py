@@ -2,6 +2,11 @@
 
 Bags come from ``features.h5`` files in the layout the engine writes (datasets ``features``
 [N, D] and ``coords`` [N, 2] in level-0 px), labels from a CSV with columns ``slide_id,label``.
+
+Slide identifiers: one convention for every command (``train-mil``, ``finetune``, ``evaluate``):
+a slide's id is its file or folder name up to the first dot (``CMU-1-Small-Region.svs`` ->
+``CMU-1-Small-Region``), the folder name ``xmag embed --out`` gives each slide. A CSV may name the
+file (``CMU-1-Small-Region.svs``); it is read as the same id (``slide_id_of``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import MilConfig
+from training.errors import CohortTooSmallError, LabelsError
 from training.models import GatedAttentionMIL
 
 __all__ = [
@@ -29,7 +35,9 @@ __all__ = [
     "predict",
     "read_features_h5",
     "read_labels_csv",
+    "resolve_slide",
     "roc_auc",
+    "slide_id_of",
     "stratified_kfold",
     "train_mil",
 ]
@@ -55,22 +63,72 @@ def read_features_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return feats, coords
 
 
+def slide_id_of(name: str | Path) -> str:
+    """The slide id of a file or folder name: the name up to its first dot (see module doc)."""
+    base = Path(str(name).strip()).name
+    return base.split(".")[0] or base
+
+
 def read_labels_csv(path: Path) -> dict[str, str]:
-    """``slide_id -> label`` from a CSV with a header ``slide_id,label``."""
-    with Path(path).open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"slide_id", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path} needs the columns slide_id,label (got {reader.fieldnames})")
-        return {row["slide_id"].strip(): row["label"].strip() for row in reader}
+    """``slide_id -> label`` from a CSV with a header ``slide_id,label`` (ids as ``slide_id_of``).
+
+    Raises:
+        LabelsError: unreadable file, missing columns, an empty label, or one id twice.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"slide_id", "label"} <= set(reader.fieldnames):
+                raise LabelsError(
+                    f"{path} needs the columns slide_id,label (got {reader.fieldnames}).",
+                    path=path,
+                )
+            rows = [(row["slide_id"] or "", row["label"] or "") for row in reader]
+    except OSError as exc:
+        raise LabelsError(f"labels file {path} cannot be read ({exc}).", path=path) from exc
+    out: dict[str, str] = {}
+    for raw, label in rows:
+        sid = slide_id_of(raw)
+        if not sid or not label.strip():
+            raise LabelsError(f"{path}: row {raw!r},{label!r} has an empty id or label.", path=path)
+        if sid in out:
+            raise LabelsError(f"{path} names slide {sid!r} twice; keep one row.", path=path)
+        out[sid] = label.strip()
+    if not out:
+        raise LabelsError(f"{path} has no rows.", path=path)
+    return out
+
+
+def resolve_slide(slides_dir: Path, slide_id: str) -> Path:
+    """The file or folder in ``slides_dir`` whose id (``slide_id_of``) is ``slide_id``.
+
+    Raises:
+        LabelsError: none, or several, match.
+    """
+    slides_dir = Path(slides_dir)
+    try:
+        matches = sorted(p for p in slides_dir.iterdir() if slide_id_of(p.name) == slide_id)
+    except OSError as exc:
+        raise LabelsError(f"slides folder {slides_dir} cannot be listed ({exc}).") from exc
+    if len(matches) != 1:
+        found = "no file" if not matches else f"{len(matches)} files ({[m.name for m in matches]})"
+        raise LabelsError(
+            f"{found} in {slides_dir} has the slide id {slide_id!r} (the name up to its first "
+            "dot); rename the slide or fix the labels CSV.",
+            slide_id=slide_id,
+        )
+    return matches[0]
 
 
 def _features_path(root: Path, slide_id: str) -> Path:
     for cand in (root / f"{slide_id}.h5", root / slide_id / "features.h5"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(
+    raise LabelsError(
         f"no features for slide {slide_id!r} under {root} (looked for {slide_id}.h5 and "
-        f"{slide_id}/features.h5)"
+        f"{slide_id}/features.h5); embed it (xmag embed --out {root}) or drop its row.",
+        slide_id=slide_id,
     )
 
 
@@ -86,21 +144,30 @@ def load_bags(features_dir: Path, labels_csv: Path) -> tuple[list[Bag], list[str
 
 
 def stratified_kfold(
-    labels: Sequence[int], k: int, seed: int
+    labels: Sequence[int], k: int, seed: int, *, names: Sequence[str] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train indices, test indices) per fold; each class is dealt round-robin over the folds.
 
     Raises:
-        ValueError: a class has fewer than ``k`` members (a fold would miss it).
+        CohortTooSmallError: a class has fewer than ``k`` members (a fold would miss it).
     """
     y = np.asarray(labels)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) and counts.min() < k:
+        tag = (lambda c: names[int(c)]) if names is not None else int
+        small = {tag(c): int(n) for c, n in zip(classes, counts, strict=True) if n < k}
+        raise CohortTooSmallError(
+            f"class(es) {small} (class: slides) have fewer slides than the {k} folds asked; "
+            f"use --folds {max(2, int(counts.min()))} or fewer, or add slides"
+            + (" (2 folds need 2 slides per class)." if counts.min() < 2 else "."),
+            folds=k,
+            class_counts={str(tag(c)): int(n) for c, n in zip(classes, counts, strict=True)},
+        )
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(y), dtype=np.int64)
     offset = 0
-    for c in np.unique(y):
+    for c in classes:
         idx = rng.permutation(np.flatnonzero(y == c))
-        if len(idx) < k:
-            raise ValueError(f"class {c} has {len(idx)} members, fewer than {k} folds")
         fold_of[idx] = (np.arange(len(idx)) + offset) % k
         offset += len(idx)  # spreads remainders of successive classes over different folds
     all_idx = np.arange(len(y))
@@ -195,12 +262,21 @@ class CvResult:
 
 
 def cross_validate(
-    bags: Sequence[np.ndarray], labels: Sequence[int], n_classes: int, cfg: MilConfig
+    bags: Sequence[np.ndarray],
+    labels: Sequence[int],
+    n_classes: int,
+    cfg: MilConfig,
+    *,
+    names: Sequence[str] | None = None,
 ) -> CvResult:
-    """Stratified k-fold CV of ``train_mil``: AUC per held-out fold, out-of-fold probabilities."""
+    """Stratified k-fold CV of ``train_mil``: AUC per held-out fold, out-of-fold probabilities.
+
+    Raises:
+        CohortTooSmallError: a class has fewer bags than ``cfg.folds`` (``names`` label it).
+    """
     oof = np.zeros((len(bags), n_classes))
     aucs = []
-    for train_idx, test_idx in stratified_kfold(labels, cfg.folds, cfg.seed):
+    for train_idx, test_idx in stratified_kfold(labels, cfg.folds, cfg.seed, names=names):
         head = train_mil(
             [bags[i] for i in train_idx], [labels[i] for i in train_idx], n_classes, cfg
         )

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.config import IMAGENET_MEAN, IMAGENET_STD, TeacherConfig, TeacherKind
+from training.config import TeacherConfig, TeacherKind
 from training.models import load_weights_into, read_state_dict
+from training.normalise import Normalise
 from xmag.errors import ModelPackageError
+from xmag.preprocess import Preprocessor
 
 __all__ = [
     "UNI2H_ARCH",
@@ -73,22 +75,17 @@ class Teacher(nn.Module):
 class TimmTeacher(Teacher):
     """Any timm model loaded from a local weights file, frozen, ImageNet-normalised input."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-    ):
+    def __init__(self, model: nn.Module, preprocessor: Preprocessor | None = None):
         super().__init__()
         self.model = model
         self.embed_dim = int(model.num_features)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # The core's ImageNet statistics unless the teacher was trained with others.
+        self.normalise = Normalise(preprocessor or Preprocessor())
         self.freeze()
 
     @torch.no_grad()
     def forward(self, tiles: Tensor) -> Tensor:
-        return self.model((tiles - self.mean) / self.std).float()
+        return self.model(self.normalise(tiles)).float()
 
 
 def build_timm_teacher_model(

@@ -8,6 +8,9 @@
 (``embed.schema.json``, ``inspect.schema.json``, with ``result.schema.json`` for each result);
 progress, warnings and errors go to stderr. Exit codes: 0 every slide succeeded, 1 at least one
 slide failed (each with its typed error), 2 bad usage or a model package that does not load.
+``embed`` keeps ``XMAG_SLIDES_IN_FLIGHT`` slides in flight (``xmag.inflight``; default 2 with a GPU
+encoder, 1 on the CPU): the next slides are opened, hashed and planned while the model runs the
+current one.
 
 Other packages add commands through the ``xmag.commands`` entry point group: each entry point is
 a ``register(app: typer.Typer) -> None`` (the service registers ``serve`` and ``worker``).
@@ -19,6 +22,7 @@ import dataclasses
 import glob
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -32,12 +36,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
 
 from xmag.errors import SlideNotFoundError, XmagError
+from xmag.inflight import SlidesInFlightSettings, map_in_flight
 from xmag.outputs._atomic import atomic_write
 from xmag.params import SlideOptions
 from xmag.results import (
@@ -53,10 +57,9 @@ if TYPE_CHECKING:
     from xmag.engine import Engine
     from xmag.store import ResultStore
 
-__all__ = ["DEFAULT_MODEL_DIR", "build_app", "default_cache_dir", "load_plugins", "main"]
+__all__ = ["MODEL_DIR_ENV", "build_app", "default_cache_dir", "load_plugins", "main"]
 
-# The trained demonstration package shipped in the repository (`make demo-model` rebuilds it).
-DEFAULT_MODEL_DIR = Path("models/demo")
+MODEL_DIR_ENV = "XMAG_MODEL_DIR"
 PLUGIN_GROUP = "xmag.commands"
 EXIT_SLIDE_FAILED = 1
 EXIT_USAGE = 2
@@ -124,11 +127,22 @@ ThresholdOpt = Annotated[
     float | None,
     typer.Option("--tissue-threshold", help=_option_help("tissue_threshold"), show_default=False),
 ]
+DetectorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tissue-detector",
+        help=_option_help("tissue_detector"),
+        show_default=False,
+    ),
+]
 _FLAGS = {"mpp_override": "--mpp", "default_mpp": "--default-mpp"}
 
 
 def slide_options(
-    mpp: float | None, default_mpp: float | None, tissue_threshold: float | None
+    mpp: float | None,
+    default_mpp: float | None,
+    tissue_threshold: float | None,
+    tissue_detector: str | None = None,
 ) -> SlideOptions:
     """``SlideOptions`` from the CLI flags; its bounds are the API's (one model for both).
 
@@ -137,7 +151,10 @@ def slide_options(
     """
     try:
         return SlideOptions(
-            mpp_override=mpp, default_mpp=default_mpp, tissue_threshold=tissue_threshold
+            mpp_override=mpp,
+            default_mpp=default_mpp,
+            tissue_threshold=tissue_threshold,
+            tissue_detector=tissue_detector,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -149,8 +166,14 @@ def slide_options(
 def embed(
     slides: Annotated[list[str], typer.Argument(help="Slide files, DICOM folders, or globs.")],
     model: Annotated[
-        Path, typer.Option("--model", "-m", help="Model package folder (model.json + ONNX).")
-    ] = DEFAULT_MODEL_DIR,
+        Path,
+        typer.Option(
+            "--model",
+            "-m",
+            envvar=MODEL_DIR_ENV,
+            help="Model package folder (model.json + ONNX), e.g. a checkout's models/demo.",
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Results root: one sub-folder per slide.")
     ] = Path("xmag-out"),
@@ -160,6 +183,7 @@ def embed(
     mpp: MppOpt = None,
     default_mpp: DefaultMppOpt = None,
     tissue_threshold: ThresholdOpt = None,
+    tissue_detector: DetectorOpt = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Tiles per model call.")
     ] = None,
@@ -184,7 +208,7 @@ def embed(
     from xmag.store import ResultStore
 
     err = _stderr()
-    options = slide_options(mpp, default_mpp, tissue_threshold)
+    options = slide_options(mpp, default_mpp, tissue_threshold, tissue_detector)
     overrides: dict[str, object] = {}
     if batch_size is not None:
         overrides["batch_size"] = batch_size
@@ -203,7 +227,16 @@ def embed(
             f"[yellow]warning[/yellow]: model {card.name} {card.version} is untrained "
             "(model.json says trained=false): its embeddings and predictions mean nothing."
         )
-    outcomes = _embed_all(engine, store, expand_slides(slides), out, options, err, json_out)
+    outcomes = _embed_all(
+        engine,
+        store,
+        expand_slides(slides),
+        out,
+        options,
+        err,
+        json_out,
+        slides_in_flight=SlidesInFlightSettings().for_provider(engine.provider),
+    )
     if json_out:
         report = EmbedReport(model=f"{card.name}@{card.version}", outcomes=outcomes)
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
@@ -221,9 +254,12 @@ def _embed_all(
     options: SlideOptions,
     err: Console,
     quiet: bool,
+    slides_in_flight: int = 1,
 ) -> list[EmbedOutcome]:
+    """Each slide's outcome, in argument order; ``slides_in_flight`` of them at once
+    (``xmag.inflight``: the next slides are opened, hashed and planned while the model runs)."""
     used: set[str] = set()
-    outcomes: list[EmbedOutcome] = []
+    stop = threading.Event()  # Ctrl-C: the slides in flight stop between batches
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -232,17 +268,17 @@ def _embed_all(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err) as bar:
-        for arg, path in slides:
-            if path is None:
+
+        def one(item: tuple[str, Path | None, Path | None]) -> EmbedOutcome:
+            arg, path, out_dir = item
+            if path is None or out_dir is None:
                 exc: XmagError = SlideNotFoundError(f"no file matches {arg!r}.", path=arg)
-                outcomes.append(EmbedOutcome(slide=arg, ok=False, error=_error_info(exc)))
                 err.print(f"[red]✗[/red] {arg}: {exc}")
-                continue
-            out_dir = _out_dir(out, path, used)
+                return EmbedOutcome(slide=arg, ok=False, error=_error_info(exc))
             task = bar.add_task(path.name, total=None, rate="-")
             clock: dict[str, float] = {}
 
-            def progress(done: int, total: int, task: TaskID = task, clock: dict = clock) -> None:
+            def progress(done: int, total: int) -> None:
                 # tiles/s from the first progress call: the plan before it reads no tile
                 t0 = clock.setdefault("t0", time.perf_counter())
                 rate = f"{done / (time.perf_counter() - t0):.1f}/s" if done else "-"
@@ -250,15 +286,17 @@ def _embed_all(
 
             try:
                 if store is None:
-                    result = engine.embed_slide(path, out_dir, options=options, progress=progress)
+                    result = engine.embed_slide(
+                        path, out_dir, options=options, progress=progress, should_cancel=stop.is_set
+                    )
                 else:
-                    result = _embed_stored(engine, store, path, out_dir, options, progress)
+                    result = _embed_stored(
+                        engine, store, path, out_dir, options, progress, stop.is_set
+                    )
             except XmagError as exc:
-                outcomes.append(EmbedOutcome(slide=arg, ok=False, error=_error_info(exc)))
                 bar.update(task, description=f"[red]✗ {path.name}")
                 err.print(f"[red]✗[/red] {arg}: {exc}")
-                continue
-            outcomes.append(EmbedOutcome(slide=arg, ok=True, out_dir=str(out_dir), result=result))
+                return EmbedOutcome(slide=arg, ok=False, error=_error_info(exc))
             hit = " (cache hit)" if result.cache_hit else ""
             if not quiet:
                 top = ", ".join(f"{p.name}={p.top_label}" for p in result.predictions)
@@ -267,7 +305,14 @@ def _embed_all(
                     f"{result.provider}, {result.duration_s:.2f} s{hit}"
                     + (f"; {top}" if top else "")
                 )
-    return outcomes
+            return EmbedOutcome(slide=arg, ok=True, out_dir=str(out_dir), result=result)
+
+        # Output folders are named up front, in argument order, whatever order slides finish in.
+        items = [
+            (arg, path, _out_dir(out, path, used) if path is not None else None)
+            for arg, path in slides
+        ]
+        return map_in_flight(one, items, slides_in_flight, stop=stop)
 
 
 def _embed_stored(
@@ -277,6 +322,7 @@ def _embed_stored(
     out_dir: Path,
     options: SlideOptions,
     progress: Callable[[int, int], None],
+    should_cancel: Callable[[], bool] | None = None,
 ) -> SlideResult:
     """Look the slide's result up in ``store`` (computing it on a miss) and copy it to
     ``out_dir``; the copy's result.json says whether this call computed it."""
@@ -286,7 +332,9 @@ def _embed_stored(
     if not path.exists():
         raise SlideNotFoundError(f"{path} does not exist.", path=str(path))
     digest = DigestCache(store.root / ".digests").digest(path)
-    stored = lookup_or_embed(engine, store, path, digest, options=options, progress=progress)
+    stored = lookup_or_embed(
+        engine, store, path, digest, options=options, progress=progress, should_cancel=should_cancel
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ARTIFACTS:
         src = stored.folder / name
@@ -312,11 +360,11 @@ def inspect_cmd(
     mpp: MppOpt = None,
     default_mpp: DefaultMppOpt = None,
     tissue_threshold: ThresholdOpt = None,
+    tissue_detector: DetectorOpt = None,
 ) -> None:
     """Show what the core sees in a slide (no model is run)."""
-    report = inspect_slide(
-        slide, model=model, options=slide_options(mpp, default_mpp, tissue_threshold)
-    )
+    options = slide_options(mpp, default_mpp, tissue_threshold, tissue_detector)
+    report = inspect_slide(slide, model=model, options=options)
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     else:
@@ -374,7 +422,8 @@ def _print_inspect(r: InspectReport) -> None:
         out.print(f"  tissue {r.tissue.area_mm2:.2f} mm2 ({r.tissue.method})")
         out.print(f"  tiles kept {r.tiles.kept} of {r.tiles.total} ({r.tiles.tile_px} px)")
     if r.qc:
-        out.print(f"  modality guess {r.qc.modality}; warnings: {r.qc.warnings or 'none'}")
+        warnings = "; ".join(r.qc.warnings) or "none"
+        out.print(f"  modality guess {r.qc.modality}; warnings: {warnings}")
     if r.error:
         _stderr().print(f"[red]✗[/red] [{r.error.code}] {r.error.message}")
 
@@ -390,6 +439,9 @@ def build_app() -> typer.Typer:
     )
     app.command("embed")(embed)
     app.command("inspect")(inspect_cmd)
+    from xmag.cells.cli import cells_cmd  # nuclei as QuPath GeoJSON (xmag.cells)
+
+    app.command("cells")(cells_cmd)
     return app
 
 
@@ -419,5 +471,17 @@ def load_plugins(app: typer.Typer, group: str = PLUGIN_GROUP) -> list[str]:
 def main() -> None:
     """Console entry point: the core app plus plugin commands."""
     app = build_app()
-    load_plugins(app)
+    load_plugins(app)  # before the check: plugins register the XMAG_ variables they read
+    _check_environment()
     app()
+
+
+def _check_environment() -> None:
+    """Warn about unknown XMAG_ variables; exit 2 on them under XMAG_STRICT_SETTINGS=1."""
+    from xmag.settings import check_environment
+
+    try:
+        check_environment(warn=lambda m: _stderr().print(f"[yellow]warning[/yellow]: {m}"))
+    except XmagError as exc:
+        _stderr().print(f"[red]error[/red]: {exc}")
+        raise SystemExit(EXIT_USAGE) from exc

@@ -1,99 +1,56 @@
 """The inference engine: one model package loaded once, slides in, result files out.
 
-    slide -> open_slide -> plan_slide (mpp, level, tissue, grid, QC)
-          -> [reader thread] iter_tile_batches -> preprocess -> bounded queue
-          -> [caller thread] encoder session, batch after batch -> tile embeddings [N, D]
-          -> tile heads (per tile) and slide heads (on the bag) -> result files
+    slide -> open_slide -> plan_slide (mpp, level, tissue, grid, QC)      xmag.plan
+          -> tiles -> preprocess -> encoder, overlapped in two threads    xmag.pipeline
+          -> tile heads (per tile) and slide heads (on the bag)          xmag.heads
+          -> features.h5, heatmap.png, tiles.geojson, then result.json   xmag.outputs
 
-A pipeline, not a loop: a producer thread pulls tile batches from the core's parallel reader
-(which itself keeps ``queue_depth`` batches in flight) and turns them into model input while the
-session runs the previous batch; the queue between them holds at most ``queue_depth`` batches,
-so memory is bounded whatever the slide size (only the [N, D] embeddings grow with the slide).
-Progress is reported and cancellation checked between batches.
+The engine owns the ONNX Runtime sessions and composes those stages; it computes every time it
+is asked. Callers that keep results name them first (``Engine.identity``) and look them up in
+the result store before opening the slide (``xmag.store.lookup_or_embed``). A service worker
+keeps one ``Engine`` for its life (``Engine.from_dir``).
 
-A service worker keeps one ``Engine`` for its life (``Engine.from_dir``) and calls
-``embed_slide`` per job.
+``embed_slide`` is ``prepare_slide`` (open, hash, plan: the per-slide fixed costs) then
+``finish_slide`` (tiles through the model, heads, files). Several threads may call it at once to
+keep slides in flight (``xmag.inflight``): the engine's ``model_gate`` lets one slide at a time
+through the tile pipeline, so the next slides are prepared while the model runs the current one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from xmag.cascade import Cascade, CascadeOutcome
 from xmag.digest import SlideDigest, slide_digest
 from xmag.errors import JobCanceledError, NoTissueError, XmagUsageError
-from xmag.outputs import (
-    render_heatmap,
-    tile_features_geojson,
-    write_features,
-    write_geojson,
-    write_heatmap,
-)
+from xmag.heads import HeadOutputs, HeadSet
+from xmag.inflight import ModelGate
 from xmag.outputs._atomic import atomic_write
-from xmag.package import HeadSpec, ModelPackage, load_package
+from xmag.outputs.slide_files import write_slide_files
+from xmag.package import ModelPackage, load_package
 from xmag.params import SlideOptions
+from xmag.pipeline import CancelFn, PipelineRun, ProgressFn, TileFeed, run_pipeline
 from xmag.plan import SlidePlan, plan_slide
-from xmag.preprocess import Preprocessor
 from xmag.readers import SlideReader, open_slide
 from xmag.results import (
-    Artifacts,
-    HeadPrediction,
     ModelRef,
     SlideResult,
     describe_plan,
     slide_identity,
 )
-from xmag.runtime import ModelSession
+from xmag.runtime import ModelSession, apply_card_hints
 from xmag.settings import EngineSettings
 from xmag.store import ResultIdentity
-from xmag.tiles import iter_tile_batches
 from xmag.version import code_version
 
-__all__ = ["Engine", "PipelineRun", "SlideOptions", "SlideResult"]
-
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
-_QUEUE_POLL_S = 0.1  # how often a blocked producer re-checks the stop flag
-
-
-@dataclass
-class PipelineRun:
-    """Tile embeddings of one slide and what the pipeline spent on them.
-
-    Attributes:
-        embeddings: (N, D) float32, kept tiles in grid order.
-        level0_xy: (N, 2) int64 top-left of each tile in level-0 pixels.
-        grid_index: (N,) int64 index of each tile in the grid.
-        model_s: seconds the caller thread spent in the encoder.
-        wait_s: seconds the caller thread waited for tiles (the model was idle).
-        produce_s: seconds the producer thread spent reading and preprocessing (overlapped).
-        batches: model calls.
-    """
-
-    embeddings: np.ndarray
-    level0_xy: np.ndarray
-    grid_index: np.ndarray
-    model_s: float = 0.0
-    wait_s: float = 0.0
-    produce_s: float = 0.0
-    batches: int = 0
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
-
-
-_DONE = object()
+__all__ = ["Engine", "PipelineRun", "PreparedSlide", "SlideOptions", "SlideResult"]
 
 
 @dataclass
@@ -111,6 +68,42 @@ class _Stages:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+@dataclass
+class PreparedSlide:
+    """A slide opened, hashed and planned (``Engine.prepare_slide``), waiting for the model.
+
+    A context manager: leaving it closes the reader (``finish_slide`` does once tiles are read).
+
+    Attributes:
+        path: the slide as opened.
+        reader: its open reader.
+        digest: sha256 and size of its bytes.
+        key: the result key (``Engine.result_key``).
+        options: the caller's options; ``plan.params`` the tiling parameters they gave.
+        plan: every decision made before a tile is read.
+        stages: wall seconds so far (open, hash, plan).
+        started: ``time.perf_counter()`` when preparing began (the result's ``duration_s``).
+    """
+
+    path: Path
+    reader: SlideReader
+    digest: SlideDigest
+    key: str
+    options: SlideOptions
+    plan: SlidePlan
+    stages: _Stages
+    started: float
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> PreparedSlide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Engine:
     """A loaded model package with its ONNX Runtime sessions.
 
@@ -123,8 +116,9 @@ class Engine:
 
     def __init__(self, package: ModelPackage, settings: EngineSettings | None = None) -> None:
         self.package = package
-        self.settings = settings or EngineSettings()
         card = package.card
+        # The card's runtime hints fill what the caller left unset (variant, TensorRT, batch).
+        self.settings = apply_card_hints(settings or EngineSettings(), card)
         self.variant = self.settings.variant
         encoder_file = card.encoder
         if self.variant is not None:
@@ -135,23 +129,26 @@ class Engine:
                     f"(has {[v.name for v in card.variants]})"
                 )
             encoder_file = match[0].file
-        b, t = card.runtime.batch, card.input.tile_px
+        b, t = self.settings.trt_batch_profile, card.input.tile_px
+        assert b is not None  # apply_card_hints fills it from the card when unset
         self.encoder = ModelSession(
             package.root / encoder_file,
             self.settings,
-            trt_profile={card.input.name: (b.min, b.opt, b.max, 3, t, t)},
+            trt_profile={card.input.name: (*b, 3, t, t)},
+            input_spec=card.input,  # on GPUs: uint8 tiles in, normalised in the graph
         )
-        # Heads are small and take a bag of any length: no TensorRT profile fits them.
-        self.heads: dict[str, tuple[HeadSpec, ModelSession]] = {
-            h.name: (h, ModelSession(package.head_path(h), self.settings, allow_tensorrt=False))
-            for h in card.heads
-        }
+        self.heads = HeadSet.load(package, self.settings)
+        #: The cell-level cascade of a card that has one (``xmag.cascade``), run after the heads.
+        self.cascade = Cascade.load(package, self.settings)
         self.provider = self.encoder.provider
         self.batch_size = self.settings.batch_size
         if self.provider == "tensorrt":  # a batch outside the profile would rebuild the engine
-            self.batch_size = min(self.batch_size, b.max)
-        self.preprocess = Preprocessor.from_spec(card.input)
+            self.batch_size = min(self.batch_size, b[2])
+        self.preprocess = self.encoder.input_preprocessor(card.input)
         self.tiles_embedded = 0
+        #: One slide at a time on the model (``xmag.inflight``): callers in several threads
+        #: prepare slides concurrently and take turns here for the tile pipeline.
+        self.model_gate = ModelGate()
 
     @classmethod
     def from_dir(cls, model_dir: Path, settings: EngineSettings | None = None) -> Engine:
@@ -183,133 +180,34 @@ class Engine:
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> PipelineRun:
-        """Embed every kept tile of ``plan`` read through ``reader``.
-
-        Raises:
-            JobCanceledError: ``should_cancel()`` returned True between two batches.
-            RegionReadError and other XmagError: from the reads, re-raised in this thread.
-        """
-        indices = plan.grid.kept_indices()
-        total = int(indices.shape[0])
-        dim = self.package.card.outputs.embedding.dim
-        run = PipelineRun(
-            np.empty((total, dim), np.float32),
-            np.empty((total, 2), np.int64),
-            np.empty((total,), np.int64),
+        """Embed every kept tile of ``plan`` through this engine (``xmag.pipeline``)."""
+        return run_pipeline(
+            reader,
+            plan,
+            preprocess=self.preprocess,
+            encode=self.encode,
+            dim=self.package.card.outputs.embedding.dim,
+            batch_size=self.batch_size,
+            reader_workers=self.settings.reader_workers,
+            queue_depth=self.settings.queue_depth,
+            progress=progress,
+            should_cancel=should_cancel,
         )
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.settings.queue_depth)
-        stop = threading.Event()
 
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=_QUEUE_POLL_S)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+    def tile_feed(self, reader: SlideReader, plan: SlidePlan) -> TileFeed:
+        """Start reading and preprocessing ``plan``'s tiles (``xmag.pipeline.TileFeed``)."""
+        return TileFeed(
+            reader,
+            plan,
+            preprocess=self.preprocess,
+            batch_size=self.batch_size,
+            reader_workers=self.settings.reader_workers,
+            queue_depth=self.settings.queue_depth,
+        )
 
-        def produce() -> None:
-            t0 = time.perf_counter()
-            batches = None
-            try:
-                batches = iter_tile_batches(
-                    reader,
-                    plan.grid,
-                    plan.level,
-                    indices=indices,
-                    batch_size=self.batch_size,
-                    workers=self.settings.reader_workers,
-                    max_pending=self.settings.queue_depth,
-                )
-                for b in batches:
-                    item = (b.indices, b.level0_xy, self.preprocess(b.pixels))
-                    if not put(item):
-                        return
-                run.produce_s = time.perf_counter() - t0
-                put(_DONE)
-            except BaseException as exc:  # handed to the caller's thread, re-raised there
-                put(_Failure(exc))
-            finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()  # joins the reader threads, also when stopped early
-
-        producer = threading.Thread(target=produce, name="xmag-engine-producer", daemon=True)
-        done = 0
-        if progress is not None:
-            progress(0, total)
-        producer.start()
-        try:
-            while True:
-                if should_cancel is not None and should_cancel():
-                    raise JobCanceledError(
-                        f"Embedding {reader.path} was canceled after {done} of {total} tiles.",
-                        path=reader.path,
-                        tiles_done=done,
-                        tiles_total=total,
-                    )
-                t0 = time.perf_counter()
-                item = q.get()
-                t1 = time.perf_counter()
-                run.wait_s += t1 - t0
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                idx, xy, x = item
-                emb = self.encode(x)
-                run.model_s += time.perf_counter() - t1
-                n = idx.shape[0]
-                run.embeddings[done : done + n] = emb
-                run.level0_xy[done : done + n] = xy
-                run.grid_index[done : done + n] = idx
-                done += n
-                run.batches += 1
-                if progress is not None:
-                    progress(done, total)
-        finally:
-            stop.set()
-            with contextlib.suppress(queue.Empty):
-                while True:  # unblock a producer waiting on a full queue
-                    q.get_nowait()
-            producer.join()
-        if done != total:
-            raise XmagUsageError(f"pipeline produced {done} tiles, expected {total}")
-        return run
-
-    # -- heads ------------------------------------------------------------------------------
-    def run_heads(
-        self, embeddings: np.ndarray
-    ) -> tuple[list[HeadPrediction], dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Every head on the tile embeddings.
-
-        Returns (predictions, tile probabilities by tile head [N, C], attention by slide head [N]).
-        """
-        preds: list[HeadPrediction] = []
-        tile_probs: dict[str, np.ndarray] = {}
-        attention: dict[str, np.ndarray] = {}
-        for name, (spec, session) in self.heads.items():
-            if spec.level == "slide":
-                wanted = [spec.probabilities, *([spec.attention] if spec.attention else [])]
-                out = session.run({spec.input: embeddings}, wanted)
-                probs = np.asarray(out[spec.probabilities], np.float64).reshape(-1)
-                if spec.attention:
-                    attention[name] = np.asarray(out[spec.attention], np.float32).reshape(-1)
-                preds.append(_prediction(spec, probs, None))
-            else:
-                chunks = [
-                    session.run({spec.input: embeddings[i : i + self.batch_size]})[
-                        spec.probabilities
-                    ]
-                    for i in range(0, embeddings.shape[0], self.batch_size)
-                ]
-                p = np.concatenate(chunks).astype(np.float32)
-                tile_probs[name] = p
-                winners = np.bincount(p.argmax(axis=1), minlength=len(spec.labels))
-                counts = {lab: int(c) for lab, c in zip(spec.labels, winners, strict=True)}
-                preds.append(_prediction(spec, p.mean(axis=0, dtype=np.float64), counts))
-        return preds, tile_probs, attention
+    def run_heads(self, embeddings: np.ndarray) -> HeadOutputs:
+        """Every head on the (N, D) tile embeddings (``xmag.heads``)."""
+        return self.heads.run(embeddings, self.batch_size)
 
     # -- one slide --------------------------------------------------------------------------
     def identity(self, slide_sha256: str, options: SlideOptions | None = None) -> ResultIdentity:
@@ -343,6 +241,10 @@ class Engine:
         presence means the others are complete. This always computes: callers that keep results
         look them up first (``xmag.store.lookup_or_embed``).
 
+        Safe to call from several threads at once (``xmag.inflight``): opening, hashing and
+        planning run in the caller's thread; the tile pipeline waits for the engine's model gate
+        (one slide on the model at a time, first ready first served); heads and writes follow.
+
         Args:
             digest: the slide's sha256 and size when the caller knows them (an upload's, or
                 ``xmag.digest.DigestCache``); hashed here otherwise (the ``hash`` timing).
@@ -351,48 +253,134 @@ class Engine:
         Raises:
             SlideError subclasses: the slide cannot be read, has no usable mpp, or
                 (``NoTissueError``) no tile passes the tissue threshold; ``qc`` in its fields.
-            JobCanceledError: ``should_cancel()`` returned True between two batches.
+            JobCanceledError: ``should_cancel()`` returned True between two batches, or while
+                the slide waited for the model.
             InferenceError: ONNX Runtime failed.
+        """
+        prepared = self.prepare_slide(
+            slide_path, options=options, digest=digest, should_cancel=should_cancel
+        )
+        with prepared:
+            return self.finish_slide(
+                prepared,
+                out_dir,
+                display_name=display_name,
+                progress=progress,
+                should_cancel=should_cancel,
+            )
+
+    def prepare_slide(
+        self,
+        slide_path: Path,
+        *,
+        options: SlideOptions | None = None,
+        digest: SlideDigest | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> PreparedSlide:
+        """Everything before the first tile reaches the model: open, hash, key, plan.
+
+        ``should_cancel`` is checked by planning (``xmag.plan``: before it, between thumbnail
+        reads and before the grid), so a canceled job stops during a long plan too.
+
+        Returns an open ``PreparedSlide`` (a context manager closing its reader); the caller
+        passes it to ``finish_slide``. Raises as ``embed_slide`` does (closing the reader).
         """
         started = time.perf_counter()
         stages = _Stages()
-        slide_path, out_dir = Path(slide_path), Path(out_dir)
+        slide_path = Path(slide_path)
         options = options or SlideOptions()
         params = self.package.card.tiling_params(options)
         with stages("open"):
             reader = open_slide(slide_path)  # typed errors for missing or unreadable input
-        with reader:
+        try:
             if digest is None:
                 with stages("hash"):
                     digest = slide_digest(slide_path)
             key = self.result_key(digest.sha256, options)
             with stages("plan"):
-                plan = plan_slide(reader, params)
+                plan = plan_slide(reader, params, should_cancel=should_cancel)
             if plan.qc.zero_tissue or plan.grid.n_kept == 0:
                 raise _no_tissue(slide_path, plan)
-            run = self.run_pipeline(reader, plan, progress=progress, should_cancel=should_cancel)
+        except BaseException:
+            reader.close()
+            raise
+        return PreparedSlide(slide_path, reader, digest, key, options, plan, stages, started)
+
+    def finish_slide(
+        self,
+        prepared: PreparedSlide,
+        out_dir: Path,
+        *,
+        display_name: str | None = None,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> SlideResult:
+        """The model (behind the gate), heads and files of a ``prepare_slide`` result.
+
+        Starts reading the slide's tiles (at most ``queue_depth`` batches ahead), waits for the
+        engine's model gate (``should_cancel`` checked while waiting), encodes every tile, then
+        runs the heads and writes the files after releasing the gate. Closes the prepared
+        slide's reader once its tiles are read.
+        """
+        out_dir = Path(out_dir)
+        stages, plan = prepared.stages, prepared.plan
+        # The first batches are read and preprocessed while the slide waits for the model.
+        with (
+            prepared,
+            self.tile_feed(prepared.reader, plan) as feed,
+            self.model_gate.hold(should_cancel) as admitted,
+        ):
+            if not admitted:
+                raise JobCanceledError(
+                    f"Embedding {prepared.path} was canceled while it waited for the model "
+                    f"(0 of {feed.total} tiles).",
+                    path=prepared.path,
+                    tiles_done=0,
+                    tiles_total=feed.total,
+                )
+            run = feed.run(
+                self.encode,
+                self.package.card.outputs.embedding.dim,
+                progress=progress,
+                should_cancel=should_cancel,
+            )
         stages.seconds["read_wait"] = run.wait_s
         stages.seconds["model"] = run.model_s
         with stages("heads"):
-            preds, tile_probs, attention = self.run_heads(run.embeddings)
+            heads = self.run_heads(run.embeddings)
+        cascade: CascadeOutcome | None = None
+        if self.cascade is not None:  # K regions read at 20x, cells, context model
+            with stages("cascade"):
+                cascade = self.cascade.run(
+                    prepared.path,
+                    plan,
+                    run.level0_xy,
+                    run.grid_index,
+                    heads,
+                    out_dir,
+                    should_cancel=should_cancel,
+                )
         with stages("write"):
-            artifacts = self._write_outputs(out_dir, plan, run, tile_probs, attention)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            labels = {name: spec.labels for name, (spec, _) in self.heads.items()}
+            artifacts = write_slide_files(out_dir, plan, run, heads, labels)
         result = SlideResult(
             code_version=code_version(),
             created_at=datetime.now(UTC),
-            duration_s=time.perf_counter() - started,
-            result_key=key,
-            slide=slide_identity(plan.slide, digest, display_name),
-            params=params,
-            options=options,
+            duration_s=time.perf_counter() - prepared.started,
+            result_key=prepared.key,
+            slide=slide_identity(plan.slide, prepared.digest, display_name),
+            params=plan.params,
+            options=prepared.options,
             **describe_plan(plan),
             model=self.model_ref(),
             provider=self.provider,
             providers=self.encoder.providers,
             slide_embedding=run.embeddings.mean(axis=0, dtype=np.float64).tolist(),
-            predictions=preds,
-            artifacts=artifacts,
+            predictions=heads.predictions + (cascade.predictions if cascade else []),
+            artifacts=artifacts.model_copy(update=cascade.artifacts) if cascade else artifacts,
             timings={k: round(v, 6) for k, v in stages.seconds.items()},
+            cascade=cascade.result if cascade else None,
         )
         with atomic_write(out_dir / "result.json") as tmp:
             tmp.write_text(result.model_dump_json(indent=2), encoding="utf-8")
@@ -410,90 +398,6 @@ class Engine:
             checksums=self.package.checksums(),
             card_sha256=self.package.card_sha256,
         )
-
-    def _write_outputs(
-        self,
-        out_dir: Path,
-        plan: SlidePlan,
-        run: PipelineRun,
-        tile_probs: dict[str, np.ndarray],
-        attention: dict[str, np.ndarray],
-    ) -> Artifacts:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        level0_tile = float(plan.grid.level0_tile)
-        dims = tuple(int(v) for v in plan.slide.dimensions)
-        write_features(
-            out_dir / "features.h5",
-            features=run.embeddings,
-            coords=run.level0_xy,
-            grid_index=run.grid_index,
-            tile_px=plan.grid.tile_px,
-            level0_tile_px=level0_tile,
-            patch_level=plan.level.level,
-            mpp=plan.mpp.mpp,
-            target_mpp=plan.grid.target_mpp,
-            level0_size=(dims[0], dims[1]),
-            scores=tile_probs,
-            attention=attention,
-        )
-        values, what, title = self._heatmap_values(run.embeddings, tile_probs, attention)
-        image = render_heatmap(
-            plan.tissue.thumbnail,
-            float(plan.tissue.downsample),
-            plan.tissue.mask,
-            run.level0_xy,
-            level0_tile,
-            values,
-            title,
-        )
-        write_heatmap(out_dir / "heatmap.png", image)
-        labelled = {n: (self.heads[n][0].labels, p) for n, p in tile_probs.items()}
-        collection = tile_features_geojson(
-            run.level0_xy,
-            level0_tile,
-            (dims[0], dims[1]),
-            grid_index=run.grid_index,
-            scores=labelled,
-            attention=attention,
-        )
-        write_geojson(out_dir / "tiles.geojson", collection)
-        return Artifacts(heatmap_values=what)
-
-    def _heatmap_values(
-        self,
-        embeddings: np.ndarray,
-        tile_probs: dict[str, np.ndarray],
-        attention: dict[str, np.ndarray],
-    ) -> tuple[np.ndarray, str, str]:
-        """What the heatmap colours: a slide head's attention, else a tile head's last label,
-        else each tile's cosine similarity to the slide embedding.
-
-        Returns (values [N], machine name for result.json, title printed on the picture).
-        """
-        if attention:
-            name, att = next(iter(attention.items()))
-            return att, f"attention:{name}", f"attention of slide head '{name}'"
-        if tile_probs:
-            name, p = next(iter(tile_probs.items()))
-            label = self.heads[name][0].labels[-1]
-            return p[:, -1], f"{name}:{label}", f"tile head '{name}': p({label})"
-        mean = embeddings.mean(axis=0)
-        norms = np.linalg.norm(embeddings, axis=1) * max(float(np.linalg.norm(mean)), 1e-12)
-        cos = embeddings @ mean / np.maximum(norms, 1e-12)
-        return cos, "cosine:slide_embedding", "cosine similarity to the slide embedding"
-
-
-def _prediction(spec: HeadSpec, probs: np.ndarray, counts: dict[str, int] | None) -> HeadPrediction:
-    return HeadPrediction(
-        name=spec.name,
-        level=spec.level,
-        kind=spec.kind,
-        labels=list(spec.labels),
-        probabilities={lab: float(v) for lab, v in zip(spec.labels, probs, strict=True)},
-        top_label=spec.labels[int(np.argmax(probs))],
-        tile_label_counts=counts,
-        attention=spec.attention is not None,
-    )
 
 
 def _no_tissue(path: Path, plan: SlidePlan) -> NoTissueError:

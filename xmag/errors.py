@@ -6,12 +6,16 @@
     │   ├── UnsupportedFormatError     UNSUPPORTED_FORMAT
     │   ├── CorruptSlideError          CORRUPT_SLIDE
     │   ├── RegionReadError            REGION_READ_FAILED (a tile inside the slide is broken)
+    │   │   └── ReadBudgetError        READ_BUDGET_EXCEEDED (a stage read for longer than allowed)
+    │   ├── SlideTooLargeError         SLIDE_TOO_LARGE (declares more pixels than xmag will read)
     │   ├── UnknownMppError            UNKNOWN_MPP
     │   ├── InvalidMppError            INVALID_MPP (an override that is not a positive number)
     │   └── NoTissueError              NO_TISSUE
     ├── ModelPackageError              MODEL_PACKAGE_INVALID
     │   └── ChecksumMismatchError      MODEL_CHECKSUM_MISMATCH
     ├── InferenceError                 INFERENCE_FAILED (the runtime failed on good input)
+    ├── SettingsError                  INVALID_SETTINGS (unknown XMAG_ variables, strict mode)
+    │   └── GpuUnavailableError        (shares INVALID_SETTINGS) a GPU was required, none ran
     └── JobError                       job-level failures raised by the service
         ├── JobCanceledError           JOB_CANCELED
         └── JobNotFoundError           JOB_NOT_FOUND
@@ -19,6 +23,11 @@
 
 Codes are part of the public interface: the CLI prints them, the service maps them to HTTP
 statuses in one table (``service.problems``), and tests assert them. Never change a code's meaning.
+
+A class registers its code by declaring ``code`` in its own body (``__init_subclass__``); a code
+already taken is refused when the class is created. A subclass that declares no ``code`` refines
+its parent's error and shares its code without being registered (``all_error_codes`` maps each
+code to the class that declared it).
 """
 
 from __future__ import annotations
@@ -28,9 +37,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = [
-    "SUPPORTED_FORMATS_SENTENCE",
     "ChecksumMismatchError",
     "CorruptSlideError",
+    "GpuUnavailableError",
     "InferenceError",
     "InvalidMppError",
     "JobCanceledError",
@@ -38,9 +47,12 @@ __all__ = [
     "JobNotFoundError",
     "ModelPackageError",
     "NoTissueError",
+    "ReadBudgetError",
     "RegionReadError",
+    "SettingsError",
     "SlideError",
     "SlideNotFoundError",
+    "SlideTooLargeError",
     "UnknownMppError",
     "UnsupportedFormatError",
     "XmagError",
@@ -48,11 +60,12 @@ __all__ = [
     "all_error_codes",
 ]
 
-SUPPORTED_FORMATS_SENTENCE = (
-    "Supported formats: Aperio SVS, Hamamatsu NDPI, 3DHISTECH MRXS, Philips TIFF, Leica SCN, "
-    "Ventana BIF, generic tiled TIFF, OME-TIFF, other TIFFs readable by tifffile, and DICOM WSI "
-    "(a .dcm file or a folder of instances)."
-)
+#: Error classes by code, filled by ``XmagError.__init_subclass__`` (the root registers below).
+_CODES: dict[str, type[XmagError]] = {}
+
+
+class XmagUsageError(RuntimeError):
+    """The API was misused (a closed reader, a consumed iterator): a bug in the calling code."""
 
 
 class XmagError(Exception):
@@ -67,6 +80,11 @@ class XmagError(Exception):
 
     code: ClassVar[str] = "XMAG_ERROR"
     transient: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:  # declared here, not inherited: a new code to register
+            _register_code(cls)
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
@@ -86,6 +104,18 @@ class XmagError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keeps fields when errors cross process boundaries (pickling by worker pools).
         return (_rebuild_error, (type(self), self.message, self.fields))
+
+
+def _register_code(cls: type[XmagError]) -> None:
+    """Record ``cls.code``; a code another class already declared is refused."""
+    taken = _CODES.get(cls.code)
+    if taken is not None and taken is not cls:
+        raise XmagUsageError(
+            f"error code {cls.code!r} of {cls.__module__}.{cls.__qualname__} is already "
+            f"declared by {taken.__module__}.{taken.__qualname__}; choose another code, or "
+            "declare no code to share the parent's"
+        )
+    _CODES[cls.code] = cls
 
 
 def _rebuild_error(cls: type[XmagError], message: str, fields: dict[str, Any]) -> XmagError:
@@ -142,6 +172,20 @@ class RegionReadError(SlideError):
         )
 
 
+class ReadBudgetError(RegionReadError):
+    """A stage (thumbnail, tissue, tile reads) ran past its time budget reading the slide: the
+    slide decodes far slower than its size promises (a hostile or damaged file)."""
+
+    code = "READ_BUDGET_EXCEEDED"
+
+
+class SlideTooLargeError(SlideError):
+    """The slide declares more pixels than a stage may read (no small pyramid level, absurd
+    dimensions, huge internal tiles): refused before reading, whatever the file's real size."""
+
+    code = "SLIDE_TOO_LARGE"
+
+
 class UnknownMppError(SlideError):
     code = "UNKNOWN_MPP"
 
@@ -167,6 +211,19 @@ class InferenceError(XmagError):
     transient = True
 
 
+class SettingsError(XmagError):
+    """The environment configures xmag wrongly (an unknown ``XMAG_`` variable, strict mode)."""
+
+    code = "INVALID_SETTINGS"
+
+
+class GpuUnavailableError(SettingsError):
+    """The settings require a GPU (``XMAG_REQUIRE_GPU``, or GPU providers without ``cpu``) but
+    the encoder would run, or ended up running, on the CPU: no GPU build of onnxruntime, missing
+    CUDA/cuDNN/TensorRT libraries, or no device visible. Raised when the engine is built, so a
+    worker never serves from the CPU by accident."""
+
+
 class JobError(XmagError):
     code = "JOB_ERROR"
 
@@ -179,16 +236,13 @@ class JobNotFoundError(JobError):
     code = "JOB_NOT_FOUND"
 
 
-class XmagUsageError(RuntimeError):
-    """The API was misused (a closed reader, a consumed iterator): a bug in the calling code."""
+_register_code(XmagError)
 
 
 def all_error_codes() -> dict[str, type[XmagError]]:
-    """Every error class by code, walked from the tree (the service's status table uses it)."""
-    out: dict[str, type[XmagError]] = {}
-    stack: list[type[XmagError]] = [XmagError]
-    while stack:
-        cls = stack.pop()
-        out[cls.code] = cls
-        stack.extend(cls.__subclasses__())
-    return out
+    """Every registered code with the class that declared it (the service's status table uses it).
+
+    Holds the codes of the modules imported so far: the core's, plus the service's once
+    ``service.errors`` and ``service.webhooks`` are imported.
+    """
+    return dict(_CODES)

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from xmag.errors import XmagUsageError
+from xmag.errors import SlideTooLargeError, XmagUsageError
 from xmag.params import TilingParams
 from xmag.tissue import TissueMask
 
-__all__ = ["TileGrid", "build_grid"]
+__all__ = ["MAX_GRID_TILES", "TileGrid", "build_grid"]
+
+# Most tiles a grid may hold (kept or not): about 60 bytes per tile in the grid arrays, so 4
+# million is a quarter GB. A 150,000 x 112,500 px slide tiled at its own 0.25 um/px with 224 px
+# tiles is 336,000 tiles; more than 4 million means absurd dimensions or mpp.
+MAX_GRID_TILES = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ def build_grid(
 
     Raises:
         XmagUsageError: ``level0_mpp`` or the dimensions are not positive.
+        SlideTooLargeError: the grid would hold more than ``MAX_GRID_TILES`` tiles.
     """
     w0, h0 = dimensions
     if not (math.isfinite(level0_mpp) and level0_mpp > 0) or w0 <= 0 or h0 <= 0:
@@ -104,6 +110,15 @@ def build_grid(
     level0_stride = params.stride_px * scale
     cols = _fit_count(w0, level0_tile, level0_stride)
     rows = _fit_count(h0, level0_tile, level0_stride)
+    if cols * rows > MAX_GRID_TILES:
+        raise SlideTooLargeError(
+            f"{w0:,} x {h0:,} px at {level0_mpp:g} um/px makes {cols:,} x {rows:,} tiles of "
+            f"{params.tile_px} px at {params.target_mpp:g} um/px, more than the "
+            f"{MAX_GRID_TILES:,} allowed; check the slide's dimensions and mpp.",
+            dimensions=[w0, h0],
+            tiles=cols * rows,
+            max_tiles=MAX_GRID_TILES,
+        )
     xs = np.rint(np.arange(cols) * level0_stride).astype(np.int64)
     ys = np.rint(np.arange(rows) * level0_stride).astype(np.int64)
     fraction = _tile_fractions(tissue, xs, ys, level0_tile)  # (rows, cols)

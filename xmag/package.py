@@ -28,8 +28,12 @@ from xmag.preprocess import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "CARD_FILENAME",
     "CARD_SCHEMA_VERSION",
+    "CASCADE_CHECKSUM_KEY",
+    "CELL_MODEL_INPUTS",
     "Architecture",
     "BatchProfile",
+    "CascadeSpec",
+    "CellModelIO",
     "EmbeddingOutput",
     "FileEntry",
     "HeadSpec",
@@ -37,13 +41,17 @@ __all__ = [
     "ModelCard",
     "ModelPackage",
     "OutputSpec",
+    "RegionSelection",
     "RuntimeHints",
+    "SentenceSpec",
     "Variant",
     "load_package",
     "sha256_file",
 ]
 
 CARD_FILENAME = "model.json"
+#: Key of the cascade section's sha256 in ``ModelCard.checksums`` (not a file).
+CASCADE_CHECKSUM_KEY = "model.json#cascade"
 CARD_SCHEMA_VERSION = 1  # bump on any incompatible change of ModelCard
 SUPPORTED_CARD_VERSIONS = frozenset({1})
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing (1 MiB)
@@ -171,6 +179,115 @@ class RuntimeHints(_Strict):
     trt_workspace_mb: int | None = Field(default=None, ge=1)
 
 
+class RegionSelection(_Strict):
+    """How the cascade picks the regions it reads at cell resolution from the 5x pass.
+
+    ``tile_head``: highest probability of ``label`` (default: the last label) of tile head
+    ``head``; ``slide_attention``: highest attention weight of slide head ``head``; ``tissue``:
+    highest tissue fraction of the tile (no head needed).
+    """
+
+    rule: Literal["tile_head", "slide_attention", "tissue"] = "tissue"
+    head: str | None = Field(default=None, description="head read by tile_head/slide_attention")
+    label: str | None = Field(default=None, description="tile_head: label whose score is used")
+
+    @model_validator(mode="after")
+    def _head_when_needed(self) -> RegionSelection:
+        if self.rule != "tissue" and self.head is None:
+            raise ValueError(f"region selection rule {self.rule!r} needs a head name")
+        if self.label is not None and self.rule != "tile_head":
+            raise ValueError("a selection label is only read by the tile_head rule")
+        return self
+
+
+class SentenceSpec(_Strict):
+    """How the cells of the regions read become the context model's sentences (the serving
+    twin of ``training.celleconet.config.SentenceConfig``): each region is cut into n x n
+    squares, n = ``round(size_um / region_um)``, of at most ``max_cells`` cells; phrases of
+    ``k_neighbours`` within ``radius_um`` (``xmag.cascade.sentences``)."""
+
+    region_um: float = Field(default=100.0, gt=0, le=10_000)
+    max_cells: int = Field(default=64, ge=4, le=4096)
+    min_cells: int = Field(default=8, ge=1)
+    max_regions: int = Field(default=512, ge=1, le=65_536)
+    k_neighbours: int = Field(default=6, ge=1, le=64)
+    radius_um: float = Field(default=30.0, gt=0)
+    seed: int = 0
+
+
+#: Input names of a cell model graph, in order (``training.celleconet.train.MODEL_INPUTS``).
+CELL_MODEL_INPUTS: tuple[str, ...] = (
+    "words",
+    "types",
+    "xy_um",
+    "nbr_index",
+    "nbr_mask",
+    "cell_mask",
+    "region_mask",
+)
+
+
+class CellModelIO(_Strict):
+    """The context model's ONNX file and tensor names.
+
+    Inputs (B slides, R sentences, M cells, K neighbours; B, R, M dynamic, K fixed):
+    ``words``, ``types`` int64 [B, R, M]; ``xy_um`` float32 [B, R, M, 2] (um from the sentence
+    centre); ``nbr_index`` int64 [B, R, M, K] (slots in the same sentence); ``nbr_mask`` bool
+    [B, R, M, K]; ``cell_mask`` bool [B, R, M]; ``region_mask`` bool [B, R]. Outputs: ``risk``
+    float32 [B] (log relative hazard), ``probability`` float32 [B] (recurrence within the
+    horizon), ``region_attention`` float32 [B, R], ``cell_attention`` float32 [B, R, M].
+    """
+
+    file: str = Field(default="celleconet.onnx", description="relative to the package folder")
+    inputs: tuple[str, ...] = CELL_MODEL_INPUTS
+    risk: str = "risk"
+    probability: str = "p5y"
+    region_attention: str = "region_attention"
+    cell_attention: str = "cell_attention"
+
+    @field_validator("inputs")
+    @classmethod
+    def _seven(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) != len(CELL_MODEL_INPUTS) or len(set(v)) != len(v):
+            raise ValueError(
+                f"inputs names the {len(CELL_MODEL_INPUTS)} inputs {CELL_MODEL_INPUTS} in "
+                f"that order, got {v}"
+            )
+        return v
+
+
+class CascadeSpec(_Strict):
+    """A second, cell-level model run after the 5x pass (``xmag.cascade``).
+
+    From the 5x pass pick ``k`` square fields of ``size_um`` (``select``), read only those at
+    ``read_mpp`` through the tile reader, detect and measure nuclei (``xmag.cells``, with
+    ``detector`` overrides of ``DetectorParams``), turn cells into words (``vocabulary``, a
+    ``xmag.celleconet.codebook/1`` JSON) and sentences (``sentences``), and run ``model``.
+    """
+
+    kind: Literal["celleconet"] = "celleconet"
+    task: str = Field(
+        default="recurrence_risk", pattern=_NAME_PATTERN, description="task name in results"
+    )
+    select: RegionSelection = Field(default_factory=lambda: RegionSelection())
+    k: int = Field(default=32, ge=1, le=4096, description="regions read at cell resolution")
+    size_um: float = Field(default=256.0, gt=0, le=4096, description="side of a region in um")
+    read_mpp: float = Field(default=0.5, gt=0, le=10, description="um/px regions are read at")
+    detector: dict[str, float | tuple[float, ...]] = Field(
+        default_factory=dict, description="overrides of xmag.cells.detect.DetectorParams"
+    )
+    max_cells_per_region: int = Field(default=4096, ge=1, le=1_000_000)
+    vocabulary: str = Field(default="vocabulary.json", description="codebook JSON file")
+    model: CellModelIO = Field(default_factory=lambda: CellModelIO())
+    sentences: SentenceSpec = Field(default_factory=lambda: SentenceSpec())
+    horizon_years: float = Field(default=5.0, gt=0, description="horizon of the probability")
+
+    @property
+    def region_px(self) -> int:
+        """Side of a region in pixels at ``read_mpp``."""
+        return max(1, round(self.size_um / self.read_mpp))
+
+
 class ModelCard(_Strict):
     """``model.json``: everything the engine needs to know about a package."""
 
@@ -189,6 +306,9 @@ class ModelCard(_Strict):
     runtime: RuntimeHints = Field(default_factory=lambda: RuntimeHints())
     license: str = ""
     intended_use: str = ""
+    cascade: CascadeSpec | None = Field(
+        default=None, description="cell-level model run after the 5x pass (kind celleconet)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -196,13 +316,49 @@ class ModelCard(_Strict):
         if len(listed) != len(self.files):
             raise ValueError("files lists a path twice")
         needed = [self.encoder, *(h.file for h in self.heads), *(v.file for v in self.variants)]
+        if self.cascade is not None:
+            needed += [self.cascade.vocabulary, self.cascade.model.file]
         missing = [p for p in needed if p not in listed]
         if missing:
             raise ValueError(f"files must list every ONNX file with its sha256; missing {missing}")
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
             raise ValueError(f"head names must be unique, got {names}")
+        if self.cascade is not None:
+            self._check_selection(self.cascade)
         return self
+
+    def _check_selection(self, cascade: CascadeSpec) -> None:
+        if cascade.task in {h.name for h in self.heads}:
+            raise ValueError(f"cascade task {cascade.task!r} has the name of a head")
+        sel = cascade.select
+        if sel.rule == "tissue":
+            return
+        head = next((h for h in self.heads if h.name == sel.head), None)
+        if head is None:
+            raise ValueError(
+                f"cascade.select.head {sel.head!r} is not a head of this card "
+                f"(heads: {[h.name for h in self.heads]})"
+            )
+        if sel.rule == "tile_head" and head.level != "tile":
+            raise ValueError(
+                f"cascade.select rule tile_head needs a tile head; {head.name!r} is a slide head"
+            )
+        if sel.rule == "tile_head" and sel.label is not None and sel.label not in head.labels:
+            raise ValueError(
+                f"cascade.select.label {sel.label!r} is not a label of "
+                f"{head.name!r} ({head.labels})"
+            )
+        if sel.rule == "slide_attention" and head.attention is None:
+            raise ValueError(
+                f"cascade.select rule slide_attention needs a slide head with "
+                f"attention; {head.name!r} returns none"
+            )
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names a job may ask for: every head, then the cascade's task."""
+        return [h.name for h in self.heads] + ([self.cascade.task] if self.cascade else [])
 
     def tiling_params(self, options: SlideOptions | None = None) -> TilingParams:
         """Tiling parameters this model asks for (tile_px, target_mpp), plus caller options
@@ -211,8 +367,16 @@ class ModelCard(_Strict):
         return TilingParams(tile_px=self.input.tile_px, target_mpp=self.input.target_mpp, **given)
 
     def checksums(self) -> dict[str, str]:
-        """sha256 of every file by path (what identifies the model in result provenance)."""
-        return {f.path: f.sha256 for f in sorted(self.files, key=lambda f: f.path)}
+        """sha256 of every file by path (what identifies the model in result provenance).
+
+        A card with a cascade adds ``CASCADE_CHECKSUM_KEY``: the sha256 of its cascade section
+        (K, region size, detector...), which changes results without changing any file.
+        """
+        sums = {f.path: f.sha256 for f in sorted(self.files, key=lambda f: f.path)}
+        if self.cascade is not None:
+            section = json.dumps(self.cascade.model_dump(mode="json"), sort_keys=True)
+            sums[CASCADE_CHECKSUM_KEY] = hashlib.sha256(section.encode()).hexdigest()
+        return sums
 
 
 @dataclass(frozen=True)
@@ -263,6 +427,8 @@ def load_package(model_dir: str | Path) -> ModelPackage:
     _check_encoder(root, card)
     for head in card.heads:
         _check_head(root, card, head)
+    if card.cascade is not None:
+        _check_cascade(root, card.cascade)
     return ModelPackage(root, card)
 
 
@@ -438,3 +604,47 @@ def _check_head(root: Path, card: ModelCard, head: HeadSpec) -> None:
         att = outputs[head.attention].shape
         if len(att) != 1:
             raise _shape_error(path, f"output {head.attention!r} shape", "[N]", att)
+
+
+def _check_cascade(root: Path, cascade: CascadeSpec) -> None:
+    """The cascade's detector overrides, vocabulary and cell model agree with the card."""
+    from dataclasses import fields
+
+    from xmag.cascade.vocabulary import Vocabulary
+    from xmag.cells.detect import DetectorParams
+
+    known = {f.name for f in fields(DetectorParams)}
+    unknown = sorted(set(cascade.detector) - known)
+    if unknown:
+        raise ModelPackageError(
+            f"{root / CARD_FILENAME}: cascade.detector has unknown parameters {unknown}; "
+            f"choose from {sorted(known)}.",
+            path=root / CARD_FILENAME,
+        )
+    vocab_path = root / cascade.vocabulary
+    try:
+        vocab = Vocabulary.load(vocab_path)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(
+            f"{vocab_path} is not a cell vocabulary ({exc}); re-export the package.",
+            path=vocab_path,
+        ) from exc
+    path = root / cascade.model.file
+    inputs, outputs = _graph_io(path)
+    io = cascade.model
+    if set(inputs) != set(io.inputs):
+        raise _shape_error(path, "the inputs", f"the inputs {list(io.inputs)}", sorted(inputs))
+    ranks = dict(zip(io.inputs, (3, 3, 4, 4, 4, 3, 2), strict=True))
+    for name, rank in ranks.items():
+        if len(inputs[name].shape) != rank:
+            raise _shape_error(path, f"input {name!r} rank", str(rank), inputs[name].shape)
+    k = _fixed(inputs[io.inputs[3]].shape[-1])
+    if k is not None and k != cascade.sentences.k_neighbours:
+        raise _shape_error(
+            path, f"input {io.inputs[3]!r} neighbours", str(cascade.sentences.k_neighbours), k
+        )
+    wanted = (io.risk, io.probability, io.region_attention, io.cell_attention)
+    missing = [n for n in wanted if n not in outputs]
+    if missing:
+        raise _shape_error(path, "the outputs", f"outputs named {list(wanted)}", sorted(outputs))
+    del vocab  # loading it is the check

@@ -9,9 +9,9 @@ both models.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "DEFAULT_TARGET_MPP",
@@ -32,6 +32,27 @@ MppUm = Annotated[float, Field(gt=0, le=MAX_MPP_UM)]
 TissueFraction = Annotated[float, Field(ge=0.0, le=1.0)]
 _MPP_OVERRIDE = "level-0 um/px to use instead of the slide's metadata"
 _DEFAULT_MPP = "level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)"
+_TISSUE_DETECTOR = "tissue detector by name (xmag.tissue.registered_detectors()), or auto"
+
+
+def _registered_detector(name: str) -> str:
+    from xmag.tissue import registered_detectors  # here, not above: xmag.tissue imports OpenCV
+
+    if name != "auto" and name not in registered_detectors():
+        raise ValueError(f"choose one of {', '.join(('auto', *registered_detectors()))}")
+    return name
+
+
+def _detector_enum(schema: dict[str, Any]) -> None:
+    from xmag.tissue import registered_detectors
+
+    schema["enum"] = ["auto", *registered_detectors()]  # docs and the API list the registry
+
+
+#: A tissue detector's registry name, or "auto" (by the slide's guessed modality).
+TissueDetectorName = Annotated[
+    str, AfterValidator(_registered_detector), Field(json_schema_extra=_detector_enum)
+]
 
 
 class SlideOptions(BaseModel):
@@ -45,6 +66,7 @@ class SlideOptions(BaseModel):
         default=None,
         description="fraction of a tile that must be tissue to keep it (default: the model's)",
     )
+    tissue_detector: TissueDetectorName | None = Field(default=None, description=_TISSUE_DETECTOR)
 
 
 class TilingParams(BaseModel):
@@ -62,6 +84,7 @@ class TilingParams(BaseModel):
     tissue_threshold: TissueFraction = Field(
         DEFAULT_TISSUE_THRESHOLD, description="minimum tissue fraction to keep a tile"
     )
+    tissue_detector: TissueDetectorName = Field("auto", description=_TISSUE_DETECTOR)
     mpp_override: MppUm | None = Field(None, description=_MPP_OVERRIDE)
     default_mpp: MppUm | None = Field(None, description=_DEFAULT_MPP)
 

@@ -2,19 +2,24 @@
 
 Every result carries a ``SlideQC``: how much tissue was found, how many tiles were kept, which
 level was read and how much it was resampled, the mpp and where it came from, the guessed stain or
-modality, and warnings a person should read (doubtful mpp, upsampling, very little tissue).
+modality, and warnings a person should read (doubtful mpp, upsampling, very little tissue,
+implausible colours: a bright-field background far from near-white glass, or a colour correction
+the reader applied).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter
+from pydantic.dataclasses import dataclass
 
 from xmag.grid import TileGrid
 from xmag.level import LevelChoice
 from xmag.mpp import MppInfo, MppSource
-from xmag.stain import Modality
-from xmag.tissue import TissueMask
+from xmag.stain import Modality, background_colour, colour_doubt
+from xmag.tissue import TissueMask, detector_for
 
 __all__ = ["TINY_TISSUE_MM2", "SlideQC", "build_qc"]
 
@@ -23,9 +28,10 @@ TINY_TISSUE_MM2 = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SlideQC:
-    """What the core saw on a slide, for the result and for a caller's accept/refuse decision.
+    """What the core saw on a slide, for the result and for a caller's accept/refuse decision
+    (also result.json's ``qc``).
 
     Attributes:
         tissue_area_mm2: area of the tissue mask in mm2 (at the resolved level-0 mpp).
@@ -59,22 +65,11 @@ class SlideQC:
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (plain floats, ints, strings and lists)."""
-        return {
-            "tissue_area_mm2": self.tissue_area_mm2,
-            "tiles_kept": self.tiles_kept,
-            "tiles_total": self.tiles_total,
-            "zero_tissue": self.zero_tissue,
-            "level_read": self.level_read,
-            "level_mpp": self.level_mpp,
-            "resample_factor": self.resample_factor,
-            "mpp": self.mpp,
-            "mpp_source": self.mpp_source,
-            "mpp_detail": self.mpp_detail,
-            "modality": self.modality,
-            "modality_scores": {k: float(v) for k, v in self.modality_scores.items()},
-            "warnings": list(self.warnings),
-        }
+        """JSON-ready dict (plain floats, ints, strings and lists), as in result.json."""
+        return _QC_ADAPTER.dump_python(self, mode="json")
+
+
+_QC_ADAPTER = TypeAdapter(SlideQC)
 
 
 def build_qc(
@@ -83,10 +78,16 @@ def build_qc(
     level: LevelChoice,
     tissue: TissueMask,
     grid: TileGrid,
-    modality: Modality,
-    modality_scores: dict[str, float],
+    colour_correction: str | None = None,
 ) -> SlideQC:
-    """Gather the QC of a planned slide from the outputs of each stage."""
+    """Gather the QC of a planned slide from the outputs of each stage.
+
+    ``colour_correction`` is the reader's (``SlideReader.colour_correction``): a correction it
+    applies to every read, reported as a warning.
+
+    The modality is the tissue stage's (``tissue.modality``), the guess that chose its detector:
+    the QC never guesses again, so it cannot name a modality the mask was not detected for.
+    """
     area = tissue.tissue_area_mm2(mpp.mpp)
     kept, total = grid.n_kept, grid.n_total
     warnings = [
@@ -94,9 +95,9 @@ def build_qc(
         *_mpp_source_warnings(mpp),
         *_resample_warnings(level),
         *_tissue_warnings(area, kept, total, grid),
+        *_modality_warnings(tissue),
+        *_colour_warnings(tissue, colour_correction),
     ]
-    if modality is Modality.UNKNOWN:
-        warnings.append("the stain or modality could not be guessed (too few stained pixels)")
     return SlideQC(
         tissue_area_mm2=area,
         tiles_kept=kept,
@@ -108,10 +109,42 @@ def build_qc(
         mpp=mpp.mpp,
         mpp_source=str(mpp.source),
         mpp_detail=mpp.detail,
-        modality=str(modality),
-        modality_scores=dict(modality_scores),
+        modality=str(tissue.modality),
+        modality_scores=dict(tissue.modality_scores),
         warnings=tuple(warnings),
     )
+
+
+def _modality_warnings(tissue: TissueMask) -> list[str]:
+    if tissue.modality is Modality.UNKNOWN:
+        return ["the stain or modality could not be guessed (too few stained pixels)"]
+    expected = detector_for(tissue.modality)
+    # Only the modality detectors are compared; a detector registered for something else is not.
+    if tissue.method in {detector_for(m) for m in Modality} and tissue.method != expected:
+        return [
+            f"tissue was detected with {tissue.method!r} on a slide that looks {tissue.modality}; "
+            f"the {expected!r} detector (tissue_detector auto) is made for it"
+        ]
+    return []
+
+
+_CORRECTIONS = {
+    "ycbcr-labelled-rgb": (
+        "the slide's JPEG tiles are coded as YCbCr but the file labels them RGB (wrong "
+        "photometric interpretation); xmag converts them to RGB on every read"
+    ),
+}
+
+
+def _colour_warnings(tissue: TissueMask, colour_correction: str | None) -> list[str]:
+    out = []
+    if colour_correction is not None:
+        out.append(_CORRECTIONS.get(colour_correction, f"colours corrected: {colour_correction}"))
+    if tissue.modality is not Modality.FLUORESCENCE:  # dark glass is right for fluorescence
+        doubt = colour_doubt(background_colour(tissue.thumbnail, tissue.mask))
+        if doubt is not None:
+            out.append(doubt)
+    return out
 
 
 def _mpp_source_warnings(mpp: MppInfo) -> list[str]:

@@ -30,9 +30,13 @@ if TYPE_CHECKING:
     from xmag.plan import SlidePlan
 
 __all__ = [
+    "CASCADE_FILES",
+    "RESULT_FILES",
     "RESULT_SCHEMA_VERSION",
     "SCHEMA_FILES",
     "Artifacts",
+    "CascadeOut",
+    "CascadeRegion",
     "EmbedOutcome",
     "EmbedReport",
     "ErrorInfo",
@@ -114,11 +118,76 @@ class HeadPrediction(_Out):
     )
 
 
+#: The files of one result and their media types (result.json is written last).
+RESULT_FILES: dict[str, str] = {
+    "features.h5": "application/x-hdf5",
+    "heatmap.png": "image/png",
+    "tiles.geojson": "application/geo+json",
+    "cells.geojson": "application/geo+json",
+    "cascade_heatmap.png": "image/png",
+    "result.json": "application/json",
+}
+#: The files only a model with a cascade writes (``xmag.cascade``).
+CASCADE_FILES: tuple[str, ...] = ("cells.geojson", "cascade_heatmap.png")
+
+
 class Artifacts(_Out):
     features: str = "features.h5"
     heatmap: str = "heatmap.png"
     geojson: str = "tiles.geojson"
     heatmap_values: str = Field(description="what the heatmap colours: 'attention:<head>' ...")
+    cells: str | None = Field(
+        default=None,
+        description="cells.geojson: nuclei of the regions read by the cascade (QuPath "
+        "detections, level-0 pixels); None without a cascade",
+    )
+    cascade_heatmap: str | None = Field(
+        default=None,
+        description="cascade_heatmap.png: the cascade's sentences coloured by region attention, "
+        "regions read outlined; None without a cascade",
+    )
+
+
+class CascadeRegion(_Out):
+    """One region the cascade read at cell resolution, and why it was picked."""
+
+    rank: int = Field(ge=1, description="1 = the highest value of the selection rule")
+    level0_box: tuple[int, int, int, int] = Field(
+        description="(x, y, width, height) in level-0 pixels, as read (origin on the level's grid)"
+    )
+    value: float = Field(description="the selection rule's value of the 5x tile it was centred on")
+    grid_index: int = Field(description="that tile's index in the 5x grid")
+    cells: int = Field(description="nuclei detected in it (after max_cells_per_region)")
+
+
+class CascadeOut(_Out):
+    """result.json's ``cascade``: the cell-level model run after the 5x pass."""
+
+    kind: Literal["celleconet"] = "celleconet"
+    task: str
+    rule: str = Field(
+        description="selection: 'tile_head:<head>:<label>', 'slide_attention:<head>' "
+        "or 'tissue' (tile tissue fraction)"
+    )
+    k: int = Field(description="regions asked for (the card's K)")
+    size_um: float = Field(description="side of a region in um")
+    read_mpp: float = Field(description="um/px of the pixels the detector saw")
+    level: LevelChoice = Field(description="the pyramid level the regions were read from")
+    regions: list[CascadeRegion]
+    cells: int = Field(description="nuclei detected in all regions")
+    cell_types: dict[str, int] = Field(description="cells per coarse type")
+    sentences: int = Field(description="sentences (squares of cells) the context model read")
+    cells_in_sentences: int
+    risk: float | None = Field(description="log relative hazard (None: no sentence to read)")
+    probability: float | None = Field(
+        description="probability of recurrence within horizon_years (None: no sentence)"
+    )
+    horizon_years: float
+    warnings: list[str] = Field(default_factory=list)
+    timings: dict[str, float] = Field(
+        description="seconds: read, detect (summed over workers), "
+        "model, write; wall: the whole cascade"
+    )
 
 
 class SlideResult(_Out):
@@ -153,6 +222,9 @@ class SlideResult(_Out):
     predictions: list[HeadPrediction]
     artifacts: Artifacts
     timings: dict[str, float] = Field(description="seconds per stage (stages do not overlap)")
+    cascade: CascadeOut | None = Field(
+        default=None, description="the cell-level cascade, for models that have one"
+    )
 
 
 class ErrorInfo(_Out):

@@ -5,28 +5,70 @@
     XMAG_BATCH_SIZE           tiles per model call
     XMAG_READER_WORKERS       threads decoding tiles
     XMAG_QUEUE_DEPTH          batches read ahead of the model (bounds memory)
-    XMAG_TRT_FP16, XMAG_TRT_CACHE_DIR, XMAG_CUDA_DEVICE_ID, XMAG_VARIANT, XMAG_CACHE_DIR
+    XMAG_TRT_FP16, XMAG_TRT_WORKSPACE_MB, XMAG_TRT_BATCH_PROFILE ("min,opt,max")
+    XMAG_TRT_CACHE_DIR, XMAG_CUDA_DEVICE_ID, XMAG_VARIANT, XMAG_CACHE_DIR
+    XMAG_REQUIRE_GPU          1: the encoder must run on TensorRT or CUDA, else the engine refuses
+                              to build (also implied by a GPU-first list without "cpu")
+    XMAG_GPU_DEVICES          GPUs for `xmag serve --workers N`, e.g. "0,1,2,3": worker i gets
+                              CUDA_VISIBLE_DEVICES=devices[i % len(devices)]
+    XMAG_DEVICE_NORMALIZE     feed uint8 tiles and normalise inside the graph (default: on GPUs)
+    XMAG_PAD_BATCHES          pad a short last batch to the batch size (default: on GPUs)
+
+Variant, TensorRT fp16, workspace, batch profile and batch size default to the model card's
+runtime hints (``xmag.runtime.apply_card_hints``): a variable set here overrides the card, an unset
+one lets the card decide (``model_fields_set`` tells them apart).
+
+The settings root: every settings class reading ``XMAG_*`` variables registers with
+``@register_settings`` (this module's ``EngineSettings``; the service adds its own), and
+``check_environment`` reports, at the start of a command, each ``XMAG_*`` variable none of them
+reads, with the closest known name. Several classes share the prefix, so none can forbid unknown
+variables itself. ``XMAG_STRICT_SETTINGS=1`` turns the report into a ``SettingsError``.
 
 Nothing is read at import time: the CPU count is computed when a settings object is built.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from xmag.errors import SettingsError
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_GPU_BATCH_PROFILE",
     "DEFAULT_QUEUE_DEPTH",
+    "ENV_PREFIX",
+    "GPU_PROVIDERS",
     "PROVIDER_NAMES",
+    "STRICT_SETTINGS_ENV",
     "EngineSettings",
     "available_cpus",
+    "check_environment",
+    "known_variables",
+    "register_settings",
 ]
+
+ENV_PREFIX = "XMAG_"
+#: Set to 1 (true, yes, on) to make an unknown ``XMAG_*`` variable an error at startup.
+STRICT_SETTINGS_ENV = "XMAG_STRICT_SETTINGS"
+#: ``XMAG_*`` variables read outside any settings class, with their reader.
+_OTHER_VARIABLES = {
+    STRICT_SETTINGS_ENV: "xmag.settings.check_environment",
+    "XMAG_REQUIRE_TRAIN": "the test suite (CI: torch tests may not be skipped)",
+}
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_SettingsT = TypeVar("_SettingsT", bound=type[BaseSettings])
+_SETTINGS_CLASSES: dict[str, type[BaseSettings]] = {}
+_log = logging.getLogger("xmag.settings")
 
 ProviderName = Literal["tensorrt", "cuda", "cpu"]
 DEFAULT_PROVIDERS: tuple[ProviderName, ...] = ("tensorrt", "cuda", "cpu")
@@ -37,6 +79,12 @@ PROVIDER_NAMES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
 }
 DEFAULT_BATCH_SIZE = 32  # tiles per model call; 32 x 224 x 224 x 3 float32 = 19 MiB
+#: (min, opt, max) tiles per call on TensorRT/CUDA when the card keeps the schema's CPU-sized
+#: default profile: 256 x 224 x 224 x 3 uint8 = 37 MiB per upload, a ViT-B/14 fp16 batch of 256
+#: needs about 3 GiB of activations, well inside a data-centre GPU.
+DEFAULT_GPU_BATCH_PROFILE: tuple[int, int, int] = (1, 256, 512)
+#: Our short names of the providers that run on a GPU.
+GPU_PROVIDERS: frozenset[str] = frozenset({"tensorrt", "cuda"})
 DEFAULT_QUEUE_DEPTH = 4  # batches read ahead of the model
 DEFAULT_READER_WORKERS = 4
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 quota ("max 100000" = no quota)
@@ -75,8 +123,77 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+def register_settings(cls: _SettingsT) -> _SettingsT:
+    """Class decorator: ``check_environment`` knows the ``XMAG_*`` variables ``cls`` reads."""
+    _SETTINGS_CLASSES[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def _variables_of(cls: type[BaseSettings]) -> set[str]:
+    """Environment names ``cls`` reads, upper case: prefix + field name, or the field's aliases."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    out: set[str] = set()
+    for name, info in cls.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            out.update(c.upper() for c in alias.choices if isinstance(c, str))
+        elif isinstance(alias, str):
+            out.add(alias.upper())
+        else:
+            out.add(f"{prefix}{name}".upper())
+    return out
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``XMAG_*`` variable a registered settings class (or a known reader) reads."""
+    names = {n for cls in _SETTINGS_CLASSES.values() for n in _variables_of(cls)}
+    return frozenset(n for n in names | set(_OTHER_VARIABLES) if n.startswith(ENV_PREFIX))
+
+
+def check_environment(
+    environ: Mapping[str, str] | None = None, *, warn: Callable[[str], None] | None = None
+) -> list[str]:
+    """Report the ``XMAG_*`` variables no registered settings class reads (call at startup).
+
+    Args:
+        environ: the variables to check (default ``os.environ``).
+        warn: where each sentence goes (default: a warning on the ``xmag.settings`` logger).
+
+    Returns:
+        One sentence per unknown variable, naming it and the closest known name.
+
+    Raises:
+        SettingsError: unknown variables while ``XMAG_STRICT_SETTINGS`` is true.
+    """
+    env = os.environ if environ is None else environ
+    known = known_variables()
+    unknown = sorted(k for k in env if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    messages = [_unknown_message(name, known) for name in unknown]
+    if messages and env.get(STRICT_SETTINGS_ENV, "").strip().lower() in _TRUE:
+        raise SettingsError(
+            " ".join(messages)
+            + f" Fix or unset them, or unset {STRICT_SETTINGS_ENV} to only warn.",
+            variables=unknown,
+        )
+    messages = [f"{m} It is ignored." for m in messages]
+    for message in messages:
+        (warn or _log.warning)(message)
+    return messages
+
+
+def _unknown_message(name: str, known: frozenset[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+    return f"{name} is not a setting xmag reads ({hint})."
+
+
+@register_settings
 class EngineSettings(BaseSettings):
-    """How the engine runs a model: providers, threads, batches and caches."""
+    """How the engine runs a model: providers, threads, batches and caches.
+
+    ``variant``, ``trt_fp16``, ``trt_workspace_mb``, ``trt_batch_profile`` and ``batch_size`` are
+    overridden by the model card's runtime hints unless set explicitly (by argument or variable).
+    """
 
     model_config = SettingsConfigDict(env_prefix="XMAG_", extra="ignore")
 
@@ -103,6 +220,12 @@ class EngineSettings(BaseSettings):
         description="preprocessed batches waiting for the model",
     )
     trt_fp16: bool = Field(default=True, description="TensorRT: build fp16 engines")
+    trt_workspace_mb: int | None = Field(
+        default=None, ge=1, description="TensorRT builder workspace (MiB); None: ORT's default"
+    )
+    trt_batch_profile: Annotated[tuple[int, int, int] | None, NoDecode] = Field(
+        default=None, description="TensorRT (min, opt, max) batch sizes; None: the card's"
+    )
     trt_cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "xmag" / "tensorrt",
         description="TensorRT engine and timing cache folder (a volume in containers)",
@@ -114,6 +237,53 @@ class EngineSettings(BaseSettings):
     cache_dir: Path | None = Field(
         default=None, description="content-addressed result cache folder; None disables the cache"
     )
+    require_gpu: bool = Field(
+        default=False,
+        description="the encoder must run on TensorRT or CUDA; the engine refuses to build on CPU",
+    )
+    gpu_devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="GPUs (ids or UUIDs) shared round-robin by the workers `xmag serve` starts",
+    )
+    device_normalize: bool | None = Field(
+        default=None,
+        description="feed uint8 NHWC tiles and normalise in the graph; None: on GPU providers",
+    )
+    pad_batches: bool | None = Field(
+        default=None,
+        description="pad a short batch to batch_size (no new shapes); None: on GPU providers",
+    )
+
+    @property
+    def gpu_required(self) -> bool:
+        """True when the encoder may not run on the CPU: ``require_gpu``, or a provider list
+        that starts with a GPU provider and leaves ``cpu`` out (no CPU fallback allowed)."""
+        if self.require_gpu:
+            return True
+        return bool(self.providers) and (
+            self.providers[0] in GPU_PROVIDERS and "cpu" not in self.providers
+        )
+
+    @field_validator("gpu_devices", mode="before")
+    @classmethod
+    def _split_devices(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [d.strip() for d in v.split(",") if d.strip()]
+        return v
+
+    @field_validator("trt_batch_profile", mode="before")
+    @classmethod
+    def _split_profile(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(int(p) for p in v.replace("x", ",").split(",") if p.strip())
+        return v
+
+    @field_validator("trt_batch_profile")
+    @classmethod
+    def _ordered_profile(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and not 1 <= v[0] <= v[1] <= v[2]:
+            raise ValueError(f"trt_batch_profile needs 1 <= min <= opt <= max, got {v}")
+        return v
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -12,6 +12,13 @@ low-resolution RGB image (a thumbnail) so a caller can refuse a slide its model 
   eosin) gets almost none.
 
 The pixel-level helpers (optical density, saturation, ink) are shared with ``xmag.tissue``.
+
+``background_colour`` estimates the glass colour of a bright-field image and ``colour_doubt``
+says when it is implausible: glass is near-white and almost neutral on every scanner, so a
+background far from that means the pixels decode to the wrong colours (YCbCr decoded as RGB,
+a wrong photometric interpretation or ICC profile), and tissue detection, stain guess and model
+all see wrong colours. YCbCr decoded as RGB has a signature: glass (Y high, Cb and Cr near 128)
+turns into a bright red channel over two mid-grey ones.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ __all__ = [
     "HED_STAIN_VECTORS",
     "STAINED_MIN_OD",
     "Modality",
+    "background_colour",
     "channel_max",
     "channel_min",
+    "colour_doubt",
     "guess_modality",
     "ink_colour",
     "mean_optical_density",
@@ -56,11 +65,18 @@ INK_GREEN_MIN_SATURATION = 0.25
 INK_BLUE_HUE = (95, 135)  # ~190-270 degrees
 INK_BLUE_MIN_SATURATION = 0.6
 INK_BLACK_MAX_RGB = 45
+# Glass: every channel at least this bright, and channels at most this far apart (grey levels).
+GLASS_MIN_RGB = 170
+GLASS_MAX_SPREAD = 40
+BACKGROUND_SAMPLE_FRACTION = 0.05  # brightest share of the non-tissue pixels taken as glass
+YCBCR_CHROMA_TOLERANCE = 28  # |G - 128|, |B - 128| at most this: chroma of glass read as RGB
 INK_BLACK_MAX_SATURATION = 0.35
 
 _HED_UNIT = HED_STAIN_VECTORS / np.linalg.norm(HED_STAIN_VECTORS, axis=1, keepdims=True)
 _HED_INVERSE = np.linalg.inv(_HED_UNIT)
 _OD_LUT = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
+_OD_LUT_3 = np.ascontiguousarray(_OD_LUT.reshape(1, 256, 1).repeat(3, axis=2))
+_THIRDS = np.full((1, 3), 1.0 / 3.0, dtype=np.float32)
 
 
 class Modality(StrEnum):
@@ -94,6 +110,12 @@ def channel_min(rgb: np.ndarray) -> np.ndarray:
 
 def mean_optical_density(rgb: np.ndarray) -> np.ndarray:
     """(...) float32 mean of the three channels' optical density."""
+    if rgb.ndim == 3 and rgb.shape[-1] == 3 and rgb.dtype == np.uint8 and rgb.size:
+        import cv2
+
+        # One table lookup and one weighted sum in OpenCV: no float temporaries per channel.
+        od = cv2.LUT(np.ascontiguousarray(rgb), _OD_LUT_3)
+        return np.asarray(cv2.transform(od, _THIRDS)).reshape(rgb.shape[:2])
     return (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3)
 
 
@@ -122,14 +144,17 @@ def ink_colour(rgb: np.ndarray) -> np.ndarray:
     import cv2
 
     hsv = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2HSV)
-    hue = hsv[..., 0]
-    sat = hsv[..., 1].astype(np.float32) / 255.0
-    val = hsv[..., 2]
-    green = (hue >= INK_GREEN_HUE[0]) & (hue < INK_GREEN_HUE[1])
-    green &= sat >= INK_GREEN_MIN_SATURATION
-    blue = (hue >= INK_BLUE_HUE[0]) & (hue < INK_BLUE_HUE[1]) & (sat >= INK_BLUE_MIN_SATURATION)
-    black = (val < INK_BLACK_MAX_RGB) & (sat <= INK_BLACK_MAX_SATURATION)
-    return green | blue | black
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    # Saturation s/255 against a fraction t is s >= ceil(255 t) (or s <= floor(255 t)) on the
+    # integers: the same pixels, without a float image.
+    green_s = math.ceil(255 * INK_GREEN_MIN_SATURATION - 1e-9)
+    blue_s = math.ceil(255 * INK_BLUE_MIN_SATURATION - 1e-9)
+    black_s = math.floor(255 * INK_BLACK_MAX_SATURATION + 1e-9)
+    green = cv2.inRange(hsv, (INK_GREEN_HUE[0], green_s, 0), (INK_GREEN_HUE[1] - 1, 255, 255))
+    blue = cv2.inRange(hsv, (INK_BLUE_HUE[0], blue_s, 0), (INK_BLUE_HUE[1] - 1, 255, 255))
+    black = cv2.inRange(hsv, (0, 0, 0), (255, black_s, INK_BLACK_MAX_RGB - 1))
+    del hue, sat, val
+    return np.asarray(cv2.bitwise_or(cv2.bitwise_or(green, blue), black)).astype(bool)
 
 
 def stained_pixels(rgb: np.ndarray) -> np.ndarray:
@@ -195,3 +220,52 @@ def guess_modality(
     scores["ihc"] = (1.0 - eosin_fraction) * (1.0 - dark_fraction)
     modality = Modality.HE if eosin_fraction >= EOSIN_FRACTION_HE else Modality.IHC
     return modality, scores
+
+
+def background_colour(thumbnail: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray | None:
+    """Median RGB of the glass of a bright-field image: the brightest ``BACKGROUND_SAMPLE_FRACTION``
+    of the pixels outside ``mask`` (of all pixels when the mask leaves too few), by luma.
+
+    Returns:
+        (3,) float64 RGB, or None for an empty image.
+    """
+    if thumbnail.size == 0:
+        return None
+    step = max(
+        1, math.ceil(math.sqrt(thumbnail.shape[0] * thumbnail.shape[1] / MAX_SAMPLED_PIXELS))
+    )
+    pixels = thumbnail[::step, ::step].reshape(-1, 3)
+    if mask is not None and mask.shape == thumbnail.shape[:2]:
+        outside = pixels[~mask[::step, ::step].reshape(-1)]
+        if outside.shape[0] >= max(MIN_STAINED_PIXELS, pixels.shape[0] // 50):
+            pixels = outside
+    luma = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    n = max(1, int(pixels.shape[0] * BACKGROUND_SAMPLE_FRACTION))
+    brightest = pixels[np.argpartition(-luma, n - 1)[:n]]
+    return np.median(brightest, axis=0).astype(np.float64)
+
+
+def colour_doubt(background: np.ndarray | None) -> str | None:
+    """A sentence when a bright-field background colour is implausible for glass, else None."""
+    if background is None:
+        return None
+    lo, hi = float(background.min()), float(background.max())
+    if lo >= GLASS_MIN_RGB and hi - lo <= GLASS_MAX_SPREAD:
+        return None
+    r, g, b = (round(float(c)) for c in background)
+    ycbcr = (
+        r >= GLASS_MIN_RGB
+        and abs(g - 128) <= YCBCR_CHROMA_TOLERANCE
+        and abs(b - 128) <= YCBCR_CHROMA_TOLERANCE
+    )
+    cause = (
+        "it looks like YCbCr pixels decoded as RGB (a wrong photometric interpretation)"
+        if ycbcr
+        else "the colours are probably decoded wrongly (photometric interpretation or ICC "
+        "profile) or the slide is not bright-field"
+    )
+    return (
+        f"the background (glass) decodes as RGB ({r}, {g}, {b}), far from near-white: {cause}; "
+        "tissue detection and predictions see wrong colours: re-export the slide with correct "
+        "colour metadata"
+    )

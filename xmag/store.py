@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xmag.digest import SlideDigest
 from xmag.params import SlideOptions, TilingParams
-from xmag.results import SlideResult
+from xmag.results import RESULT_FILES, SlideResult
 
 if TYPE_CHECKING:
     from xmag.engine import Engine
@@ -54,12 +54,7 @@ __all__ = [
 #: Bump when the stored files or the identity's fields change meaning.
 STORE_FORMAT: Literal[2] = 2
 #: Files of a stored result and their media types (result.json is written last).
-ARTIFACTS: dict[str, str] = {
-    "features.h5": "application/x-hdf5",
-    "heatmap.png": "image/png",
-    "tiles.geojson": "application/geo+json",
-    "result.json": "application/json",
-}
+ARTIFACTS: dict[str, str] = RESULT_FILES
 
 
 class ResultIdentity(BaseModel):

@@ -2,7 +2,9 @@
 
 ``read_tile`` is the reference: one ``read_region`` of ``level.read_px(tile_px)`` pixels at the
 chosen level, then an area resize to ``tile_px`` (a cubic one when the level is coarser than the
-target). ``iter_tile_batches`` returns exactly the same pixels, faster:
+target). ``read_tile_at`` is the same read at any level-0 origin (training fields that do not sit
+on a grid cell), so a square read there equals the served tile wherever a grid cell starts.
+``iter_tile_batches`` returns exactly the same pixels as ``read_tile``, faster:
 
 * reads run in a thread pool (OpenSlide and the other adapters release the GIL while decoding);
 * neighbouring tiles of one grid row are read with one ``read_region`` and cropped, when the
@@ -16,9 +18,12 @@ target). ``iter_tile_batches`` returns exactly the same pixels, faster:
 A failed read raises ``RegionReadError`` (never a substitute tile). Closing the generator early
 (``break``, ``close()``, garbage collection) cancels queued reads and joins the worker threads.
 
+``SlideTiles`` is the one way outside the engine (training, export parity, benchmarks) to get the
+tiles a slide is served with: open, ``plan_slide``, then ``iter_tile_batches`` of chosen tiles.
+
 Frames: ``level0_xy`` is a tile's top-left in level-0 pixels (the grid's); a tile's origin in its
 level's own pixels is ``floor(level0_xy / level_downsample + 0.5)``, computed once by
-``tile_level_origins`` and used by both paths.
+``tile_level_origins`` (``level_origins`` for any origins) and used by every path.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -35,13 +41,19 @@ import numpy as np
 from xmag.errors import RegionReadError, XmagError, XmagUsageError
 from xmag.grid import TileGrid
 from xmag.level import LevelChoice
+from xmag.params import TilingParams
+from xmag.plan import SlidePlan, plan_slide
+from xmag.readers import open_slide
 from xmag.readers.base import SlideReader
 
 __all__ = [
     "MAX_REGION_PX",
+    "SlideTiles",
     "TileBatch",
     "iter_tile_batches",
+    "level_origins",
     "read_tile",
+    "read_tile_at",
     "tile_level_origins",
 ]
 
@@ -67,13 +79,19 @@ class TileBatch:
         return int(self.indices.shape[0])
 
 
-def tile_level_origins(grid: TileGrid, level: LevelChoice, indices: np.ndarray) -> np.ndarray:
-    """Top-left of tiles in the chosen level's own pixels: (n, 2) int64.
+def level_origins(level0_xy: np.ndarray, level: LevelChoice) -> np.ndarray:
+    """Level-0 top-lefts (n, 2) -> top-lefts in the chosen level's own pixels: (n, 2) int64.
 
     ``floor(level0_xy / level_downsample + 0.5)``, i.e. rounded half up.
     """
-    xy = grid.level0_xy[indices].astype(np.float64) / level.level_downsample
+    xy = np.asarray(level0_xy, dtype=np.float64).reshape(-1, 2) / level.level_downsample
     return np.floor(xy + 0.5).astype(np.int64)
+
+
+def tile_level_origins(grid: TileGrid, level: LevelChoice, indices: np.ndarray) -> np.ndarray:
+    """Top-left of grid tiles in the chosen level's own pixels: (n, 2) int64 (``level_origins``
+    of their ``level0_xy``)."""
+    return level_origins(grid.level0_xy[indices], level)
 
 
 def _level0_of(level_xy: Sequence[int] | np.ndarray, level: LevelChoice) -> tuple[int, int]:
@@ -139,10 +157,40 @@ def read_tile(reader: SlideReader, grid: TileGrid, level: LevelChoice, index: in
     """
     if not 0 <= index < grid.n_total:
         raise XmagUsageError(f"tile index {index} outside the grid (0..{grid.n_total - 1})")
-    read_px = level.read_px(grid.tile_px)
-    origin = tile_level_origins(grid, level, np.array([index]))[0]
+    return read_tile_at(reader, level, grid.level0_xy[index], grid.tile_px)
+
+
+def read_tile_at(
+    reader: SlideReader,
+    level: LevelChoice,
+    level0_xy: Sequence[int] | np.ndarray,
+    tile_px: int,
+) -> np.ndarray:
+    """A ``tile_px`` square at the target mpp whose top-left is ``level0_xy`` (level-0 pixels).
+
+    The read of ``read_tile`` at any origin: the origin is rounded to the level's own pixels as
+    ``level_origins`` does, ``level.read_px(tile_px)`` pixels are read and resampled to
+    ``tile_px`` the same way. At a grid tile's ``level0_xy`` it returns that tile's pixels.
+
+    Args:
+        reader: an open slide.
+        level: the level read for the target mpp (``choose_level``).
+        level0_xy: top-left in level-0 pixels.
+        tile_px: side of the result, pixels at ``level.target_mpp``.
+
+    Returns:
+        (tile_px, tile_px, 3) uint8 RGB.
+
+    Raises:
+        RegionReadError: the region cannot be decoded.
+        XmagUsageError: ``tile_px`` below 1.
+    """
+    if tile_px < 1:
+        raise XmagUsageError(f"tile_px must be at least 1, got {tile_px}")
+    read_px = level.read_px(tile_px)
+    origin = level_origins(np.asarray(level0_xy), level)[0]
     region = _read(reader, level, origin, (read_px, read_px))
-    return np.ascontiguousarray(_to_tile_px(region, grid.tile_px))
+    return np.ascontiguousarray(_to_tile_px(region, tile_px))
 
 
 @dataclass(frozen=True)
@@ -282,3 +330,63 @@ def _check_args(
     if order.size and (order.min() < 0 or order.max() >= grid.n_total):
         raise XmagUsageError(f"indices must lie in 0..{grid.n_total - 1}")
     return order
+
+
+class SlideTiles:
+    """A slide opened and planned for reading its served tiles (a context manager).
+
+    ``SlideTiles.open(path, params)`` runs ``open_slide`` and ``plan_slide``; ``batches`` and
+    ``pixels`` then read tiles with ``iter_tile_batches``, so they are the engine's pixels.
+    Closing it closes the reader; reads after that raise the reader's ``XmagUsageError``.
+
+    Attributes:
+        reader: the open slide.
+        plan: its plan at ``params`` (grid, level, QC).
+    """
+
+    def __init__(self, reader: SlideReader, plan: SlidePlan):
+        self.reader, self.plan = reader, plan
+
+    @classmethod
+    def open(cls, path: Path | str, params: TilingParams) -> SlideTiles:
+        """Open and plan ``path`` at ``params``.
+
+        Raises:
+            XmagError: the typed errors of ``open_slide`` and ``plan_slide`` (unsupported format,
+                unknown mpp...). A slide without tissue opens; ``plan.qc.zero_tissue`` says so.
+        """
+        reader = open_slide(Path(path))
+        try:
+            return cls(reader, plan_slide(reader, params))
+        except BaseException:
+            reader.close()
+            raise
+
+    def batches(self, indices: np.ndarray | None = None, **options: int) -> Iterator[TileBatch]:
+        """``iter_tile_batches`` of the plan's grid and level (default: the kept tiles);
+        ``options`` are its ``batch_size``, ``workers`` and ``max_pending``.
+
+        Raises:
+            XmagUsageError: the slide is closed (when a tile is read), or bad arguments.
+        """
+        return iter_tile_batches(
+            self.reader, self.plan.grid, self.plan.level, indices=indices, **options
+        )
+
+    def pixels(self, indices: np.ndarray | None = None, *, workers: int = 4) -> np.ndarray:
+        """Every requested tile at once: (n, tile_px, tile_px, 3) uint8 (n may be 0)."""
+        chunks = [b.pixels for b in self.batches(indices, workers=workers)]
+        if not chunks:
+            side = self.plan.grid.tile_px
+            return np.empty((0, side, side, 3), np.uint8)
+        return np.concatenate(chunks)
+
+    def close(self) -> None:
+        """Close the reader (idempotent)."""
+        self.reader.close()
+
+    def __enter__(self) -> SlideTiles:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.reader.close()

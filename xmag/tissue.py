@@ -12,20 +12,26 @@ size in um is known, so every size rule is stated in um and scales with the slid
   into regions.
 
 Both then remove components smaller than ``MIN_TISSUE_UM2`` (debris) and fill holes smaller than
-``MAX_HOLE_UM2``. ``method="auto"`` picks the detector from ``guess_modality``.
+``MAX_HOLE_UM2``.
+
+The modality is guessed once per slide, here: ``detect_tissue`` guesses it on the thumbnail,
+``method="auto"`` takes the detector it names (``detector_for``), H&E vs IHC is then settled on the
+stained pixels of the mask found, and the ``TissueMask`` carries the modality with the mask, so the
+QC (``xmag.qc``) reports the modality that chose the detector. A caller picks a detector by name
+with ``TilingParams.tissue_detector``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from xmag.errors import UnknownMppError, XmagUsageError
-from xmag.readers.base import SlideReader
+from xmag.readers.base import DEFAULT_THUMBNAIL_TIMEOUT_S, CancelFn, SlideReader
 from xmag.stain import (
     Modality,
     channel_max,
@@ -39,10 +45,12 @@ __all__ = [
     "DEFAULT_THUMBNAIL_PX",
     "FALLBACK_MPP",
     "MAX_HOLE_UM2",
+    "MAX_WORK_PX",
     "MIN_TISSUE_UM2",
     "DetectorFn",
     "TissueMask",
     "detect_tissue",
+    "detector_for",
     "register_detector",
     "registered_detectors",
     "tissue_mask_from_image",
@@ -52,6 +60,10 @@ DEFAULT_THUMBNAIL_PX = 2048  # longest side of the image tissue is detected on
 MIN_TISSUE_UM2 = 2_500.0  # components smaller than 50 x 50 um are debris, not tissue
 MAX_HOLE_UM2 = 10_000.0  # holes smaller than 100 x 100 um (lumina, fat cells) are filled
 WORK_UM_PER_PX = 1.0  # detectors never run finer than this: cells are resolved, kernels stay small
+# Detectors never run on more pixels than this (a 1,672 x 1,254 px image): the cost of a plan
+# stays flat with slide size, and a 2,048 px thumbnail of a large slide is already 6-20 um/px,
+# far finer than a 5x tile (448 um) needs.
+MAX_WORK_PX = 2**21
 SMOOTH_UM = 4.0  # Gaussian sigma before thresholding: bridges the gaps between cells
 CLOSE_UM = 8.0  # closing radius after thresholding (brightfield)
 INK_MIN_WIDTH_UM = 30.0  # ink-coloured regions narrower than this are nuclei, not marker strokes
@@ -79,12 +91,17 @@ class TissueMask:
         downsample: level-0 pixels per mask pixel (same in x and y).
         method: the detector's registry name.
         thumbnail: (h, w, 3) uint8 RGB image the mask was computed on (kept for QC and heatmaps).
+        modality: the slide's modality, guessed once on ``thumbnail`` (it chose the detector when
+            ``method`` was "auto"); UNKNOWN for masks built without a guess.
+        modality_scores: the evidence behind it (see ``xmag.stain.guess_modality``).
     """
 
     mask: np.ndarray
     downsample: float
     method: str
     thumbnail: np.ndarray
+    modality: Modality = Modality.UNKNOWN
+    modality_scores: Mapping[str, float] = field(default_factory=dict)
 
     def tissue_area_mm2(self, level0_mpp: float) -> float:
         """Area covered by tissue in mm2 given level-0 um/px."""
@@ -109,37 +126,78 @@ def registered_detectors() -> tuple[str, ...]:
     return tuple(_DETECTORS)
 
 
+def detector_for(modality: Modality) -> str:
+    """The detector ``method="auto"`` runs for a guessed modality."""
+    return "fluorescence" if modality is Modality.FLUORESCENCE else "brightfield"
+
+
 def detect_tissue(
     reader: SlideReader,
     *,
     method: str = "auto",
     max_px: int = DEFAULT_THUMBNAIL_PX,
     level0_mpp: float | None = None,
+    should_cancel: CancelFn | None = None,
+    timeout_s: float | None = DEFAULT_THUMBNAIL_TIMEOUT_S,
 ) -> TissueMask:
     """Detect tissue on ``reader.thumbnail(max_px)``.
 
     Args:
         reader: an open slide.
-        method: a registered detector name, or ``"auto"`` (by ``guess_modality``).
+        method: a registered detector name, or ``"auto"`` (the one ``detector_for`` names for
+            the guessed modality).
         max_px: longest side of the thumbnail in pixels.
         level0_mpp: level-0 um/px for the size rules; by default the slide's own (metadata or
             objective power), else ``FALLBACK_MPP``. ``plan_slide`` passes the resolved mpp.
+        should_cancel: called between the thumbnail's reads; True raises ``JobCanceledError``.
+        timeout_s: wall-time budget of the thumbnail (``ReadBudgetError`` past it).
 
     Returns:
-        The mask with ``downsample`` = level-0 pixels per mask pixel. An empty mask when the
-        slide has no tissue (never raises ``NoTissueError``: the caller decides).
+        The mask with ``downsample`` = level-0 pixels per mask pixel, and the slide's modality.
+        An empty mask when the slide has no tissue (never raises ``NoTissueError``: the caller
+        decides).
+
+    Raises:
+        SlideTooLargeError: the thumbnail would read more than the reader allows (no small
+            pyramid level, or dimensions the file cannot hold).
     """
     if level0_mpp is None:
         level0_mpp = _slide_mpp_or_fallback(reader)
-    thumbnail, downsample = reader.thumbnail(max_px)
-    mask, used = tissue_mask_from_image(thumbnail, um_per_px=downsample * level0_mpp, method=method)
-    return TissueMask(mask=mask, downsample=downsample, method=used, thumbnail=thumbnail)
+    thumbnail, downsample = reader.thumbnail(
+        max_px, should_cancel=should_cancel, timeout_s=timeout_s
+    )
+    modality, scores = guess_modality(thumbnail)
+    mask, used = tissue_mask_from_image(
+        thumbnail, um_per_px=downsample * level0_mpp, method=method, modality=modality
+    )
+    if modality is not Modality.FLUORESCENCE:
+        # Settle H&E vs IHC on the stained pixels of the tissue found. Bright vs dark background
+        # is the same measurement on the same image, so this cannot turn into fluorescence.
+        modality, scores = guess_modality(thumbnail, mask)
+    return TissueMask(
+        mask=mask,
+        downsample=downsample,
+        method=used,
+        thumbnail=thumbnail,
+        modality=modality,
+        modality_scores=scores,
+    )
 
 
 def tissue_mask_from_image(
-    thumbnail: np.ndarray, *, um_per_px: float, method: str = "auto"
+    thumbnail: np.ndarray,
+    *,
+    um_per_px: float,
+    method: str = "auto",
+    modality: Modality | None = None,
 ) -> tuple[np.ndarray, str]:
     """Tissue mask of an RGB image whose pixels are ``um_per_px`` um wide.
+
+    Args:
+        thumbnail: (h, w, 3) uint8 RGB.
+        um_per_px: width of one pixel of ``thumbnail`` in um.
+        method: a registered detector name, or ``"auto"``.
+        modality: the image's guessed modality, which ``"auto"`` follows; guessed here when None.
 
     Returns:
         ((h, w) bool mask, name of the detector used).
@@ -158,14 +216,14 @@ def tissue_mask_from_image(
         )
     h, w = thumbnail.shape[:2]
     work, work_um = thumbnail, um_per_px
-    if um_per_px < WORK_UM_PER_PX:  # finer than needed: detect on a smaller copy, scale back
-        scale = um_per_px / WORK_UM_PER_PX
+    # Finer than needed, or more pixels than needed: detect on a smaller copy, scale back.
+    scale = min(um_per_px / WORK_UM_PER_PX, math.sqrt(MAX_WORK_PX / (w * h)))
+    if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         work = cv2.resize(thumbnail, size, interpolation=cv2.INTER_AREA)
         work_um = um_per_px * w / size[0]
     if method == "auto":
-        modality, _ = guess_modality(work)
-        method = "fluorescence" if modality is Modality.FLUORESCENCE else "brightfield"
+        method = detector_for(modality if modality is not None else guess_modality(thumbnail)[0])
     mask = _DETECTORS[method](work, work_um).astype(bool, copy=False)
     if work is not thumbnail:
         up = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)

@@ -5,9 +5,12 @@ priority order, whether it detects the path (by content, not by name), and opens
 first that does. A reader that refuses the format (``UnsupportedFormatError``) passes the path
 to the next one; any other error is the slide's and is raised as is.
 
-    openslide  (10)  SVS, NDPI, MRXS, Philips TIFF, SCN, BIF, generic tiled TIFF, DICOM
+    openslide  (10)  the vendor formats OpenSlide detects
     tiffslide  (20)  OME-TIFF and TIFFs OpenSlide refuses (strip, one-level, untiled)
     wsidicom   (30)  DICOM WSI sets OpenSlide refuses
+
+Each reader declares its ``formats``; ``supported_formats_sentence()`` lists them for messages,
+CLI help and docs, so no list of formats is kept by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 from pathlib import Path
 
 from xmag.errors import (
-    SUPPORTED_FORMATS_SENTENCE,
     CorruptSlideError,
     SlideNotFoundError,
     UnsupportedFormatError,
@@ -24,9 +26,24 @@ from xmag.errors import (
 from xmag.readers import dicom_reader as _dicom_reader  # noqa: F401 - registers "wsidicom"
 from xmag.readers import openslide_reader as _openslide_reader  # noqa: F401 - "openslide"
 from xmag.readers import tiff_reader as _tiff_reader  # noqa: F401 - registers "tiffslide"
-from xmag.readers.base import LevelInfo, MetadataMpp, SlideReader, registered_readers
+from xmag.readers.base import (
+    LevelInfo,
+    MetadataMpp,
+    SlideFormat,
+    SlideReader,
+    registered_readers,
+    supported_formats_sentence,
+)
 
-__all__ = ["LevelInfo", "MetadataMpp", "SlideReader", "open_slide", "registered_readers"]
+__all__ = [
+    "LevelInfo",
+    "MetadataMpp",
+    "SlideFormat",
+    "SlideReader",
+    "open_slide",
+    "registered_readers",
+    "supported_formats_sentence",
+]
 
 # Formats people often try, recognised by their first bytes, for a message that says what it is.
 _KNOWN_OTHERS: tuple[tuple[bytes, str], ...] = (
@@ -65,7 +82,7 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
             refusals.append(f"{reader_cls.name}: {exc.message}")
     raise UnsupportedFormatError(
         f"{p} is {_describe(p)}, which xmag cannot read; convert it to OME-TIFF (e.g. with "
-        f"bfconvert) or a pyramidal tiled TIFF. {SUPPORTED_FORMATS_SENTENCE}",
+        f"bfconvert) or a pyramidal tiled TIFF. {supported_formats_sentence()}",
         path=p,
         refusals=refusals,
     )

@@ -10,27 +10,60 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from xmag.errors import RegionReadError, XmagUsageError
+from xmag.errors import (
+    JobCanceledError,
+    ReadBudgetError,
+    RegionReadError,
+    SlideTooLargeError,
+    XmagUsageError,
+)
+
+if TYPE_CHECKING:
+    import tifffile
+
+    from xmag.readers._jpeg_level import JpegLevel
 
 __all__ = [
+    "DEFAULT_THUMBNAIL_TIMEOUT_S",
+    "MAX_SEGMENT_PX",
+    "MAX_THUMBNAIL_SOURCE_PX",
     "THUMBNAIL_BLOCK_PX",
+    "CancelFn",
     "LevelInfo",
     "MetadataMpp",
+    "SlideFormat",
     "SlideReader",
     "register_reader",
     "registered_readers",
+    "supported_formats_sentence",
 ]
 
 THUMBNAIL_BLOCK_PX = 4096 * 4096  # source pixels thumbnail() reads at once (48 MiB as RGB)
+# A thumbnail is made from one level read whole: a slide whose smallest level fitting the
+# thumbnail holds more pixels than this is refused (SLIDE_TOO_LARGE) before any read. 2^31 px is
+# a 53,000 x 40,000 px level: real pyramids offer a level of a few megapixels; a single-level
+# slide that large takes minutes to decode, and a file declaring 10^12 px is a lie.
+MAX_THUMBNAIL_SOURCE_PX = 2**31
+# Largest internal tile or strip a slide may declare: libraries decode one whole at each read
+# (a declared 65,536 px square tile is a 12 GiB allocation per read). 2^26 px = 192 MiB as RGB.
+MAX_SEGMENT_PX = 2**26
+DEFAULT_THUMBNAIL_TIMEOUT_S = 120.0  # wall time one thumbnail may take; checked between reads
+THUMBNAIL_DECODE_WORKERS = 2  # threads decoding JPEG tiles for a thumbnail (fast path)
+
+CancelFn = Callable[[], bool]
+"""Called between reads of long stages; True stops the stage with ``JobCanceledError``."""
 _UM_PER_RESOLUTION_UNIT = {
     "centimeter": 1e4,
     "inch": 25_400.0,
@@ -41,9 +74,13 @@ _UM_PER_RESOLUTION_UNIT = {
 _PLACEHOLDER_DPI = (72.0, 96.0)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class LevelInfo:
-    """One pyramid level: its size in its own pixels and its downsample from level 0."""
+    """One pyramid level: its size in its own pixels and its downsample from level 0.
+
+    Also the ``levels`` entries of result.json and ``xmag inspect --json`` (a pydantic
+    dataclass: the same class is the stage output and the published schema).
+    """
 
     index: int
     width: int
@@ -62,14 +99,37 @@ class MetadataMpp:
     )
 
 
+@dataclass(frozen=True)
+class SlideFormat:
+    """A format a reader opens, as people name it, with the file name endings it comes with.
+
+    Attributes:
+        title: e.g. "Aperio SVS"; the supported-formats sentence lists these.
+        extensions: lowercase endings with the dot (".svs"); empty when the name says nothing.
+        note: a few words printed after the endings (e.g. "or a folder of instances").
+    """
+
+    title: str
+    extensions: tuple[str, ...] = ()
+    note: str = ""
+
+    def describe(self) -> str:
+        """ "Aperio SVS (.svs)", "DICOM WSI (.dcm, or a folder of instances)"."""
+        detail = ", ".join((*self.extensions, *((self.note,) if self.note else ())))
+        return f"{self.title} ({detail})" if detail else self.title
+
+
 class SlideReader(ABC):
     """A whole-slide image opened for reading. Use as a context manager.
 
-    Subclasses set ``name`` (the registry key) and implement the abstract methods. ``read_region``
-    must be safe to call from several threads at once (adapters lock where the library is not).
+    Subclasses set ``name`` (the registry key) and ``formats`` (what they open, for people: the
+    supported-formats sentence is built from every registered reader's), and implement the
+    abstract methods. ``read_region`` must be safe to call from several threads at once (adapters
+    lock where the library is not).
     """
 
     name: ClassVar[str]
+    formats: ClassVar[tuple[SlideFormat, ...]] = ()
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -77,6 +137,8 @@ class SlideReader(ABC):
         self._lock = threading.Lock()
         self._levels: tuple[LevelInfo, ...] = ()
         self._properties: dict[str, str] = {}
+        self._tiff_probe: _TiffProbe | None = None
+        self._probe_lock = threading.Lock()
 
     # -- identity ---------------------------------------------------------------------------
     @classmethod
@@ -138,7 +200,52 @@ class SlideReader(ABC):
             raise XmagUsageError(f"level {level} out of range 0..{len(self.levels) - 1}")
         if size[0] <= 0 or size[1] <= 0:
             raise XmagUsageError(f"region size must be positive, got {size}")
-        return self._read_region(level0_xy, level, size)
+        pixels = self._read_region(level0_xy, level, size)
+        if self.colour_correction is not None:
+            # YCbCr-coded tiles the file labels RGB: the adapter returned Y, Cb, Cr as R, G, B.
+            from xmag.readers._jpeg_level import ycbcr_to_rgb
+
+            level_xy, window = level_window(level0_xy, self.levels[level], size)
+            pixels = white_outside(ycbcr_to_rgb(pixels), level_xy, window)
+        return pixels
+
+    @property
+    def colour_correction(self) -> str | None:
+        """The colour correction applied to every read, or None.
+
+        ``"ycbcr-labelled-rgb"``: the file's JPEG tiles are coded as YCbCr (their JPEG header
+        says so) but the TIFF labels them RGB, and the library decodes them as labelled, which
+        turns glass pink; ``read_region`` converts them. Told from the header of one tile and
+        confirmed by how the library decodes it.
+        """
+        return "ycbcr-labelled-rgb" if self._probe().ycbcr_as_rgb else None
+
+    def check_segment_sizes(self) -> None:
+        """Refuse a TIFF whose declared internal tiles or strips are too large to decode.
+
+        Raises:
+            SlideTooLargeError: a tile or strip holds more than ``MAX_SEGMENT_PX`` pixels.
+        """
+        biggest = self._probe().largest_segment_px
+        if biggest > MAX_SEGMENT_PX:
+            raise SlideTooLargeError(
+                f"{self.path} declares internal tiles or strips of {biggest:,} px, more than "
+                f"the {MAX_SEGMENT_PX:,} px decoded at once; re-export it as a tiled pyramidal "
+                "TIFF (256-1024 px tiles).",
+                path=self.path,
+                segment_px=biggest,
+                max_segment_px=MAX_SEGMENT_PX,
+            )
+
+    def _probe(self) -> _TiffProbe:
+        """What the file says as a TIFF, looked at once (reads may come from several threads)."""
+        probe = self._tiff_probe
+        if probe is None:
+            with self._probe_lock:
+                if self._tiff_probe is None:
+                    self._tiff_probe = _TiffProbe.of(self)
+                probe = self._tiff_probe
+        return probe
 
     def _undecodable(
         self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], cause: str, fix: str
@@ -158,13 +265,34 @@ class SlideReader(ABC):
             f"{fix}",
         )
 
-    def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
+    def thumbnail(
+        self,
+        max_px: int = 1024,
+        *,
+        should_cancel: CancelFn | None = None,
+        timeout_s: float | None = DEFAULT_THUMBNAIL_TIMEOUT_S,
+        max_source_px: int = MAX_THUMBNAIL_SOURCE_PX,
+    ) -> tuple[np.ndarray, float]:
         """An RGB image of the whole slide whose longer side is at most ``max_px``.
 
         Returns (image, downsample) where downsample is level-0 pixels per thumbnail pixel.
-        Reads the smallest level at least as large as the target in blocks of at most
-        ``THUMBNAIL_BLOCK_PX`` source pixels and area-resizes each block into its place, so
-        memory stays bounded even on a single-level slide of 100,000 x 80,000 px.
+        Reads the smallest level at least as large as the target. When that level is made of
+        JPEG tiles in a TIFF, they are decoded straight from the file at 1/2, 1/4 or 1/8 scale
+        when that still covers the target (``xmag.readers._jpeg_level``); otherwise the level is
+        read in blocks of at most ``THUMBNAIL_BLOCK_PX`` source pixels, each area-resized into
+        its place. Memory stays bounded by the output and one block.
+
+        Args:
+            max_px: longest side of the thumbnail, px.
+            should_cancel: called between reads; True raises ``JobCanceledError``.
+            timeout_s: wall-time budget, checked between reads (None: no limit).
+            max_source_px: most pixels of the level read (checked before any read).
+
+        Raises:
+            SlideTooLargeError: the level to read holds more than ``max_source_px`` pixels.
+            ReadBudgetError: reading took longer than ``timeout_s``.
+            JobCanceledError: ``should_cancel()`` returned True.
+            RegionReadError: a block could not be decoded.
         """
         self._check_open()
         if max_px <= 0:
@@ -177,9 +305,46 @@ class SlideReader(ABC):
                 level = lv.index
         out_w = max(1, round(w0 / target_ds))
         out_h = max(1, round(h0 / target_ds))
-        return self._resize_level(level, (out_w, out_h)), w0 / out_w
+        lv = self.levels[level]
+        source_px = lv.width * lv.height
+        if source_px > max_source_px:
+            raise SlideTooLargeError(
+                f"{self.path}: a thumbnail of this slide would read level {level} whole, "
+                f"{lv.width:,} x {lv.height:,} px ({source_px:,} px), more than the "
+                f"{max_source_px:,} px allowed; the slide has no small pyramid level (or "
+                "declares dimensions its data cannot hold): re-export it as a pyramidal TIFF.",
+                path=self.path,
+                level=level,
+                level_size=[lv.width, lv.height],
+                max_source_px=max_source_px,
+            )
+        check = _StageCheck("thumbnail", self.path, should_cancel, timeout_s)
+        check()
+        fast = self._jpeg_level(level)
+        reduce = 1
+        while fast is not None and reduce < 8 and lv.downsample * reduce * 2 <= target_ds * 1.0001:
+            reduce *= 2
+        if fast is not None:
+            import cv2
 
-    def _resize_level(self, level: int, out_size: tuple[int, int]) -> np.ndarray:
+            try:
+                decoded = fast.decode(reduce, check=check, workers=THUMBNAIL_DECODE_WORKERS)
+            except ValueError as exc:
+                raise self._undecodable(
+                    (0, 0), level, (lv.width, lv.height), str(exc), "the slide is damaged there."
+                ) from exc
+            image = cv2.resize(decoded, (out_w, out_h), interpolation=cv2.INTER_AREA)
+            return np.asarray(image), w0 / out_w
+        return self._resize_level(level, (out_w, out_h), check), w0 / out_w
+
+    def _jpeg_level(self, level: int) -> JpegLevel | None:
+        """The level as JPEG tiles to decode directly (see ``_jpeg_level``), or None."""
+        lv = self.levels[level]
+        return self._probe().jpeg_level(self, (lv.width, lv.height))
+
+    def _resize_level(
+        self, level: int, out_size: tuple[int, int], check: Callable[[], None] | None = None
+    ) -> np.ndarray:
         """Area-resize the whole of ``level`` to ``out_size`` (w, h), reading block by block.
 
         Output blocks are chosen so their source blocks hold at most ``THUMBNAIL_BLOCK_PX``
@@ -202,6 +367,8 @@ class SlideReader(ABC):
                 ox1 = min(out_w, ox0 + step_x)
                 x0, x1 = round(ox0 * sx), max(round(ox0 * sx) + 1, round(ox1 * sx))
                 level0_xy = (round(x0 * lv.downsample), round(y0 * lv.downsample))
+                if check is not None:
+                    check()
                 block = self.read_region(level0_xy, level, (x1 - x0, y1 - y0))
                 if block.shape[:2] != (oy1 - oy0, ox1 - ox0):
                     block = cv2.resize(block, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
@@ -211,6 +378,8 @@ class SlideReader(ABC):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._tiff_probe is not None:
+                self._tiff_probe.close()
             self._close()
 
     def _close(self) -> None:  # noqa: B027 - optional hook
@@ -244,6 +413,10 @@ def register_reader(priority: int) -> Callable[[type[SlideReader]], type[SlideRe
     def deco(cls: type[SlideReader]) -> type[SlideReader]:
         if cls.name in _REGISTRY:
             raise XmagUsageError(f"reader {cls.name!r} is already registered")
+        if not cls.formats:
+            raise XmagUsageError(
+                f"reader {cls.name!r} declares no formats; set {cls.__name__}.formats"
+            )
         _REGISTRY[cls.name] = (priority, cls)
         return cls
 
@@ -253,6 +426,16 @@ def register_reader(priority: int) -> Callable[[type[SlideReader]], type[SlideRe
 def registered_readers() -> list[type[SlideReader]]:
     """Readers in the order ``open_slide`` tries them."""
     return [cls for _, cls in sorted(_REGISTRY.values(), key=lambda pc: pc[0])]
+
+
+def supported_formats_sentence() -> str:
+    """ "Supported formats: Aperio SVS (.svs), ..., and DICOM WSI (...)." from the registry.
+
+    Formats are listed in the order readers are tried, each once (two readers may open one).
+    """
+    titles = list(dict.fromkeys(f.describe() for cls in registered_readers() for f in cls.formats))
+    listed = ", ".join(titles[:-1]) + f", and {titles[-1]}" if len(titles) > 1 else "".join(titles)
+    return f"Supported formats: {listed}."
 
 
 # -- helpers shared by the adapters ------------------------------------------------------------
@@ -313,3 +496,145 @@ def white_outside(
         pixels = pixels.copy() if not pixels.flags.writeable else pixels
         pixels[~inside] = 255
     return pixels
+
+
+class _StageCheck:
+    """Called between the reads of a long stage: cancel, then the wall-time budget."""
+
+    def __init__(
+        self, stage: str, path: Path, should_cancel: CancelFn | None, timeout_s: float | None
+    ) -> None:
+        self.stage, self.path = stage, path
+        self.should_cancel, self.timeout_s = should_cancel, timeout_s
+        self.started = time.monotonic()
+
+    def __call__(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCanceledError(
+                f"{self.path}: canceled during the {self.stage}.", path=self.path, stage=self.stage
+            )
+        took = time.monotonic() - self.started
+        if self.timeout_s is not None and took > self.timeout_s:
+            raise ReadBudgetError(
+                f"{self.path}: the {self.stage} read for {took:.0f} s, more than its "
+                f"{self.timeout_s:g} s budget; the slide decodes far slower than its size "
+                "promises (damaged or hostile file): re-export it.",
+                path=self.path,
+                stage=self.stage,
+                timeout_s=self.timeout_s,
+            )
+
+
+class _TiffProbe:
+    """What a reader learns by looking at its file as a TIFF with tifffile (nothing if not one):
+    the largest declared tile or strip, whether JPEG tiles labelled RGB are coded YCbCr, and
+    levels whose JPEG tiles can be decoded directly."""
+
+    def __init__(self) -> None:
+        self.tif: tifffile.TiffFile | None = None
+        self.largest_segment_px = 0
+        self.ycbcr_as_rgb = False
+        self._levels: dict[tuple[int, int], JpegLevel | None] = {}
+
+    @classmethod
+    def of(cls, reader: SlideReader) -> _TiffProbe:
+        probe = cls()
+        path = reader.path
+        try:
+            if not path.is_file():
+                return probe
+            with path.open("rb") as fh:
+                if fh.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                    return probe
+            import tifffile
+
+            tif = tifffile.TiffFile(path)
+        except Exception:  # not a TIFF tifffile reads: no probe, adapters decide
+            return probe
+        if tif.is_ndpi:  # NDPI "tiles" are restart intervals of one JPEG: OpenSlide's business
+            tif.close()
+            return probe
+        probe.tif = tif
+        sizes = {(lv.width, lv.height) for lv in reader.levels}
+        for page in tif.pages:
+            if not isinstance(page, tifffile.TiffPage):
+                continue
+            if (int(page.imagewidth), int(page.imagelength)) not in sizes:
+                continue
+            if page.is_tiled:
+                seg = int(page.tilewidth) * int(page.tilelength) * max(1, int(page.tiledepth))
+            else:
+                seg = int(page.imagewidth) * min(int(page.rowsperstrip), int(page.imagelength))
+            probe.largest_segment_px = max(probe.largest_segment_px, seg)
+        if probe.largest_segment_px <= MAX_SEGMENT_PX:  # else the probe's one read is too big
+            probe.ycbcr_as_rgb = _ycbcr_labelled_rgb(reader, tif)
+        return probe
+
+    def jpeg_level(self, reader: SlideReader, size: tuple[int, int]) -> JpegLevel | None:
+        if self.tif is None:
+            return None
+        if size not in self._levels:
+            from xmag.readers._jpeg_level import find_jpeg_level
+
+            self._levels[size] = find_jpeg_level(
+                self.tif, reader.path, size, ycbcr_as_rgb=self.ycbcr_as_rgb
+            )
+        return self._levels[size]
+
+    def close(self) -> None:
+        for level in self._levels.values():
+            if level is not None:
+                level.close()
+        if self.tif is not None:
+            self.tif.close()
+
+
+def _ycbcr_labelled_rgb(reader: SlideReader, tif: object) -> bool:
+    """True when level 0's JPEG tiles say YCbCr, the TIFF says RGB, and the reader's library
+    returns them unconverted (its pixels match the raw components, not the converted ones)."""
+    import tifffile
+
+    from xmag.readers._jpeg_level import JpegLevel, jpeg_colour_evidence
+
+    assert isinstance(tif, tifffile.TiffFile)
+    lv0 = reader.levels[0]
+    for page in tif.pages:
+        if not isinstance(page, tifffile.TiffPage):
+            continue
+        if (int(page.imagewidth), int(page.imagelength)) != (lv0.width, lv0.height):
+            continue
+        if not (page.is_tiled and page.compression == 7 and page.photometric == 2):
+            return False
+        counts = np.asarray(page.databytecounts)
+        present = np.flatnonzero(counts > 0)
+        if present.size == 0:
+            return False
+        index = int(present[0])
+        fh = tif.filehandle
+        fh.seek(int(page.dataoffsets[index]))
+        head = fh.read(min(int(counts[index]), 4096))
+        if jpeg_colour_evidence(head) != "ycbcr":
+            return False
+        try:
+            raw_level = JpegLevel(reader.path, page, ycbcr_as_rgb=False)
+            raw_level.transform = 0  # the components as stored, whatever the stream says
+            try:
+                raw = raw_level.decode_tile(index, 1)  # components as stored (Adobe: RGB)
+            finally:
+                raw_level.close()
+            cols = -(-lv0.width // int(page.tilewidth))
+            r, c = divmod(index, cols)
+            tw, th = int(page.tilewidth), int(page.tilelength)
+            w, h = min(tw, lv0.width - c * tw), min(th, lv0.height - r * th)
+            lib = reader._read_region((c * tw, r * th), 0, (w, h))
+        except Exception:  # cannot confirm: leave the pixels as the library gives
+            return False
+        if raw is None:
+            return False
+        raw = raw[:h, :w].astype(np.int16)
+        from xmag.readers._jpeg_level import ycbcr_to_rgb
+
+        converted = ycbcr_to_rgb(raw.astype(np.uint8)).astype(np.int16)
+        lib16 = lib.astype(np.int16)
+        return bool(np.abs(lib16 - raw).mean() < np.abs(lib16 - converted).mean())
+    return False

@@ -20,11 +20,12 @@ from xmag.errors import CorruptSlideError, UnsupportedFormatError
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
+    SlideFormat,
     SlideReader,
     level_window,
     register_reader,
 )
-from xmag.readers.openslide_reader import dicom_files, is_dicom_file
+from xmag.readers.openslide_reader import DICOM_WSI, dicom_files, is_dicom_file
 
 __all__ = ["DicomReader"]
 
@@ -57,6 +58,7 @@ class DicomReader(SlideReader):
     """A DICOM WSI set opened with wsidicom (its selected pyramid, focal plane 0)."""
 
     name: ClassVar[str] = "wsidicom"
+    formats: ClassVar[tuple[SlideFormat, ...]] = (DICOM_WSI,)
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)

@@ -1,4 +1,4 @@
-"""OpenSlide adapter: SVS, NDPI, MRXS, Philips TIFF, SCN, BIF, generic tiled TIFF and DICOM.
+"""OpenSlide adapter for the vendor formats OpenSlide detects and xmag accepts (``FORMATS``).
 
 OpenSlide (through openslide-bin) is tried first for everything it detects. Its handle is
 thread-safe, so reads take no lock. An OpenSlide handle that failed once stays failed (OpenSlide's
@@ -18,27 +18,31 @@ from xmag.errors import CorruptSlideError, UnsupportedFormatError
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
+    SlideFormat,
     SlideReader,
     mpp_from_tiff_resolution,
     register_reader,
     rgba_to_rgb_on_white,
 )
 
-__all__ = ["OpenSlideReader", "translate_open_error"]
+__all__ = ["DICOM_WSI", "OpenSlideReader", "translate_open_error"]
 
-# The OpenSlide vendors xmag accepts (errors.SUPPORTED_FORMATS_SENTENCE), with the container
-# format we report. OpenSlide 4 also detects Zeiss CZI, Sakura SVSlide and its synthetic slide;
+#: DICOM WSI as both DICOM readers declare it (OpenSlide first, wsidicom for what it refuses).
+DICOM_WSI = SlideFormat("DICOM WSI", (".dcm",), "or a folder of instances")
+# The OpenSlide vendors xmag accepts, with the container format we report and the format as
+# people name it. OpenSlide 4 also detects Zeiss CZI, Sakura SVSlide and its synthetic slide;
 # xmag has no test data for those, so they are refused rather than half-supported.
-_FORMAT_BY_VENDOR = {
-    "aperio": "svs",
-    "hamamatsu": "ndpi",
-    "mirax": "mrxs",
-    "philips": "philips-tiff",
-    "leica": "scn",
-    "ventana": "bif",
-    "generic-tiff": "tiff",
-    "dicom": "dicom",
+_VENDORS: dict[str, tuple[str, SlideFormat]] = {
+    "aperio": ("svs", SlideFormat("Aperio SVS", (".svs",))),
+    "hamamatsu": ("ndpi", SlideFormat("Hamamatsu NDPI", (".ndpi", ".vms"))),
+    "mirax": ("mrxs", SlideFormat("3DHISTECH MRXS", (".mrxs",))),
+    "philips": ("philips-tiff", SlideFormat("Philips TIFF", (".tiff",))),
+    "leica": ("scn", SlideFormat("Leica SCN", (".scn",))),
+    "ventana": ("bif", SlideFormat("Ventana BIF", (".bif",))),
+    "generic-tiff": ("tiff", SlideFormat("generic tiled TIFF", (".tif", ".tiff"))),
+    "dicom": ("dicom", DICOM_WSI),
 }
+_FORMAT_BY_VENDOR = {vendor: fmt for vendor, (fmt, _) in _VENDORS.items()}
 _DICM_OFFSET = 128  # DICOM part-10 files carry "DICM" after a 128-byte preamble
 
 
@@ -75,6 +79,7 @@ class OpenSlideReader(SlideReader):
     """A slide opened with OpenSlide. ``path`` may be a DICOM folder or a file."""
 
     name: ClassVar[str] = "openslide"
+    formats: ClassVar[tuple[SlideFormat, ...]] = tuple(f for _, f in _VENDORS.values())
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)

@@ -20,6 +20,7 @@ from xmag.errors import CorruptSlideError, UnsupportedFormatError
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
+    SlideFormat,
     SlideReader,
     level_window,
     mpp_from_tiff_resolution,
@@ -51,6 +52,10 @@ class TiffReader(SlideReader):
     """A TIFF opened with tiffslide (series 0, its levels as the pyramid)."""
 
     name: ClassVar[str] = "tiffslide"
+    formats: ClassVar[tuple[SlideFormat, ...]] = (
+        SlideFormat("OME-TIFF", (".ome.tif", ".ome.tiff")),
+        SlideFormat("other 8-bit TIFFs readable by tifffile", (".tif", ".tiff")),
+    )
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)

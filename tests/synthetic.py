@@ -18,7 +18,9 @@ Every level is rendered from the same source tissue, mask and coordinates at its
 region of level 1 matches the same region of level 0 area-downsampled (up to resampling and JPEG
 error).
 
-CLI: ``python -m xmag.synthetic OUT --layout 40x --width 40000 --height 30000``.
+A test and benchmark fixture, not part of the library: it lives beside the tests whose real
+slide it cuts tissue from. CLI, from the repository root:
+``python -m tests.synthetic OUT --layout 40x --width 40000 --height 30000``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ __all__ = [
 LayoutName = Literal["20x", "40x"]
 
 DEFAULT_TISSUE_SOURCE = (
-    Path(__file__).resolve().parents[1] / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    Path(__file__).resolve().parent / "data" / "slides" / "CMU-1-Small-Region.svs"
 )
 TIFF_TILE_PX = 256  # internal JPEG tile side, as Aperio scanners write
 MASK_MAX_PX = 2048  # longer side of the known mask; its downsample is a power of two >= 16
@@ -440,7 +442,7 @@ def _aperio_description(
         head += f" -> {level_size[0]}x{level_size[1]}"
     return (
         f"{head} JPEG/RGB Q={quality}|AppMag = {layout.app_mag}|MPP = {layout.mpp}"
-        f"|Generator = xmag.synthetic|Seed = {seed}"
+        f"|Generator = tests.synthetic|Seed = {seed}"
     )
 
 
@@ -573,8 +575,8 @@ def _level_textures(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m xmag.synthetic OUT --layout 40x --width W --height H``: write one slide."""
-    ap = argparse.ArgumentParser(prog="python -m xmag.synthetic", description=main.__doc__)
+    """``python -m tests.synthetic OUT --layout 40x --width W --height H``: write one slide."""
+    ap = argparse.ArgumentParser(prog="python -m tests.synthetic", description=main.__doc__)
     ap.add_argument("out", type=Path, help="TIFF file to write")
     ap.add_argument("--layout", choices=sorted(LAYOUTS), default="40x")
     ap.add_argument("--width", type=int, default=40_000, help="level-0 width, px")

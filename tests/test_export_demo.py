@@ -1,6 +1,7 @@
 """The demo build end to end on two real slides with a handful of steps: the path of
-``make demo-model`` (fields from the core's tissue detection, teacher bank, distillation, modality
-head, export through model_export) gives a package that loads and that the engine runs."""
+``make demo-model`` (``python -m model_export demo``: fields from the core's tissue detection,
+teacher bank, distillation, modality head, export) gives a package that loads and that the engine
+runs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tests.torch_required import require_torch
 
 require_torch()
 
-from training.demo import DEMO_PACKAGE_NAME, DemoConfig, run_demo  # noqa: E402
+from model_export.demo import DEMO_PACKAGE_NAME, DemoConfig, export_demo, run_demo  # noqa: E402
 from xmag.engine import Engine  # noqa: E402
 from xmag.package import load_package  # noqa: E402
 from xmag.results import SlideResult  # noqa: E402
@@ -88,7 +89,6 @@ def test_the_engine_runs_the_demo_package_and_predicts_a_stain(
 
 def test_a_second_build_replaces_only_a_demo_package(demo: tuple[dict, Path]) -> None:
     from model_export.errors import ExportError
-    from training.demo import _export
 
     _, root = demo
     other = root / "not-a-package"
@@ -96,5 +96,18 @@ def test_a_second_build_replaces_only_a_demo_package(demo: tuple[dict, Path]) ->
     (other / "notes.txt").write_text("mine")
     cfg = DemoConfig(slides_dir=SLIDES, slides=(HE,), out=root / "run", package=other)
     with pytest.raises(ExportError, match="not a model package"):
-        _export(cfg, root / "run", None)
+        export_demo(cfg, root / "run", None)
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_the_demo_config_needs_the_slides_folder_and_the_training_cli_points_to_the_move() -> None:
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    with pytest.raises(ValidationError, match="slides_dir"):
+        DemoConfig(out=Path("run"))
+    result = CliRunner().invoke(app, ["demo", "--steps", "3"])
+    assert result.exit_code == 2
+    assert "python -m model_export demo" in result.output

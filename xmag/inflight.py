@@ -1,0 +1,184 @@
+"""Several slides in flight, one on the model: the per-slide fixed costs off its critical path.
+
+At 60 slides/min a worker has one second per slide, yet opening, hashing (the result key needs
+the slide's sha256) and planning (thumbnail, tissue, grid) all run before a slide's first tile
+reaches the model. One slide at a time, the accelerator idles through them. With slides in flight
+they run for the next slides while the model works on the current one::
+
+    thread 1   prepare A | model A (reads + encoder) | heads, write A | prepare C | wait ...
+    thread 2   prepare B | wait ...................... | model B .................... | heads...
+    model                  [ A ...................... ][ B ........................ ][ C ...
+
+(prepare = open, hash, plan.)
+
+The design, the simplest we found that keeps every per-slide guarantee:
+
+* **N threads, each carrying one slide from start to finish**, N = ``XMAG_SLIDES_IN_FLIGHT``
+  (``SlidesInFlightSettings``; unset: ``DEFAULT_SLIDES_IN_FLIGHT`` = 2 with a GPU encoder, 1 with
+  a CPU one, whose threads already fill the cores the overlap would need). A slide's result,
+  progress, cancel check and error belong to its own thread's call of
+  ``Engine.embed_slide`` (or ``xmag.store.lookup_or_embed``), exactly as one slide at a time:
+  a failing slide raises in its own thread and never touches its neighbours.
+* **One model gate in the engine** (``ModelGate``, held by ``Engine.finish_slide`` around the
+  encoding loop): one slide at a time on the model, in the order slides became ready (FIFO), so
+  the model is never shared between two slides. Just before it queues at the gate a slide starts
+  its tile reads (``xmag.pipeline.TileFeed``), which stop after ``queue_depth`` batches until
+  its turn: its first batches are ready when the model frees up. A slide waiting at the gate keeps
+  checking its own ``should_cancel`` and leaves with ``JobCanceledError`` when asked. Heads and
+  file writes run after the gate, overlapping the next slide's model.
+* **Bounds.** At most N slides are held at once: the one on the model (``queue_depth`` batches
+  plus its [n_tiles, D] embeddings), and N - 1 being opened and planned (a reader handle, its
+  thumbnail-sized tissue mask and grid), waiting at the gate (the same plus at most
+  ``queue_depth`` read-ahead batches: 4 x 32 x 3 x 224 x 224 float32 = 77 MB by default) or
+  writing results. N = 1 is the old behaviour, run on the caller's thread.
+
+Callers: ``xmag embed`` over many slides maps its per-slide function with ``map_in_flight``; the
+service worker (``service.worker``) runs N Dramatiq worker threads with a prefetch of N, each
+message claimed by the state middleware before its actor runs (claim, lease renewed by the
+heartbeat for every job the worker holds, exactly-once finish): a job being prepared or waiting
+at the gate is an ordinary claimed, leased job, so a crash mid-prepare loses nothing (the message
+is redelivered and the lease runs out, as for a crash mid-model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from xmag.settings import GPU_PROVIDERS, register_settings
+
+__all__ = [
+    "DEFAULT_SLIDES_IN_FLIGHT",
+    "MAX_SLIDES_IN_FLIGHT",
+    "ModelGate",
+    "SlidesInFlightSettings",
+    "map_in_flight",
+]
+
+#: Slides held at once by one worker or ``xmag embed`` with a GPU encoder: one on the model, one
+#: being prepared (on the CPU the default is 1: ``SlidesInFlightSettings.for_provider``).
+DEFAULT_SLIDES_IN_FLIGHT = 2
+#: More slides in flight than this only holds memory: preparing is much shorter than the model.
+MAX_SLIDES_IN_FLIGHT = 8
+#: How often (s) a slide waiting for the model re-checks its cancel flag.
+GATE_POLL_S = 0.1
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@register_settings
+class SlidesInFlightSettings(BaseSettings):
+    """How many slides one process keeps in flight (``XMAG_SLIDES_IN_FLIGHT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="XMAG_", extra="ignore")
+
+    slides_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_SLIDES_IN_FLIGHT,
+        description="slides opened, hashed and planned while the model runs another (1: one "
+        "slide at a time; unset: DEFAULT_SLIDES_IN_FLIGHT when the encoder runs on a GPU, 1 on "
+        "the CPU, whose cores the model already fills)",
+    )
+
+    def for_provider(self, provider: str) -> int:
+        """The setting, or its default for an encoder on ``provider`` ("cpu", "cuda"...).
+
+        On the CPU the encoder's threads and the next slide's hashing, planning and decoding
+        share the same cores: measured on 2 cores, two slides in flight kept the model busier
+        (0.87 -> 0.95 of the wall time) but each batch slower, for about 10% fewer slides/min
+        (benchmarks/bench_inflight.py). On a GPU the model's work leaves the host's cores.
+        """
+        if self.slides_in_flight is not None:
+            return self.slides_in_flight
+        return DEFAULT_SLIDES_IN_FLIGHT if provider in GPU_PROVIDERS else 1
+
+
+class ModelGate:
+    """One holder at a time, admitted in the order they asked (FIFO), cancelable while waiting.
+
+    ``threading.Lock`` promises no order; a slide that became ready first goes on the model first.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._held = False
+
+    @property
+    def waiting(self) -> int:
+        """Holders waiting now (not counting the one holding the gate)."""
+        with self._cond:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def hold(self, should_cancel: Callable[[], bool] | None = None) -> Iterator[bool]:
+        """Wait for the gate and hold it for the ``with`` body.
+
+        Yields:
+            True once held; False, without holding it, when ``should_cancel()`` returned True
+            while waiting (the caller raises its own cancellation error).
+        """
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+        admitted = False
+        try:
+            while not admitted:
+                with self._cond:
+                    if not self._held and self._waiting[0] is ticket:
+                        self._held = admitted = True
+                        break
+                    self._cond.wait(GATE_POLL_S if should_cancel is not None else None)
+                # Outside the lock: a cancel check may ask Redis.
+                if should_cancel is not None and should_cancel():
+                    break
+        finally:
+            with self._cond:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()  # the next ticket may be at the front now
+        if not admitted:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+
+def map_in_flight(
+    fn: Callable[[_T], _R],
+    items: Sequence[_T],
+    slides_in_flight: int,
+    *,
+    stop: threading.Event | None = None,
+) -> list[_R]:
+    """``[fn(item) for item in items]`` with up to ``slides_in_flight`` calls running at once.
+
+    Results come back in ``items`` order. ``fn`` handles its item's own errors; an exception it
+    lets out (or Ctrl-C here) sets ``stop`` (pass ``stop.is_set`` as the slides' cancel check),
+    drops the items not started yet and is re-raised once the running calls have returned. With
+    ``slides_in_flight`` 1 the calls run one after another on this thread.
+    """
+    if slides_in_flight <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(slides_in_flight, thread_name_prefix="xmag-slide") as pool:
+        futures: list[Future[_R]] = [pool.submit(fn, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            for f in futures:
+                f.cancel()  # those not started yet
+            raise
