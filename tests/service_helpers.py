@@ -7,6 +7,7 @@ their threads and warnings stay out of the test process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -236,3 +237,36 @@ def running(proc: Proc) -> Iterator[Proc]:
         yield proc
     finally:
         proc.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiStack:
+    """An API process (no worker) on an embedded Redis: its base URL, data folder and env."""
+
+    base: str
+    data: Path
+    env: dict[str, str]
+    redis_url: str
+
+
+@contextlib.contextmanager
+def api_stack(data: Path, api_keys: str, **extra: str) -> Iterator[ApiStack]:
+    """Start Redis and the API with ``XMAG_API_KEYS=api_keys``, slides named under the test
+    slides; stop both on exit."""
+    from service.embedded_redis import EmbeddedRedis
+    from tests.conftest import SLIDES_DIR
+
+    with EmbeddedRedis(data / "redis") as redis_server:
+        env = service_env(
+            redis_server.url,
+            data,
+            data / "no-model",
+            XMAG_SLIDE_ROOTS=str(SLIDES_DIR),
+            XMAG_API_KEYS=api_keys,
+            **extra,
+        )
+        api, base = start_api(env, data / "api.log")
+        try:
+            yield ApiStack(base, data, env, redis_server.url)
+        finally:
+            api.stop()

@@ -24,10 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.embedded_redis import EmbeddedRedis
 from tests.conftest import SLIDES_DIR
 from tests.openapi_codegen import generate_client
-from tests.service_helpers import ROOT, client, service_env, start_api
+from tests.service_helpers import ROOT, api_stack, client
 from xmag.store import ARTIFACTS
 
 KEY_A = "contract-a-key-0123456789abcdef0123"
@@ -38,20 +37,9 @@ ST = Path(sys.executable).with_name("st")
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    data = tmp_path_factory.mktemp("contract")
-    with EmbeddedRedis(data / "redis") as redis_server:
-        env = service_env(
-            redis_server.url,
-            data,
-            data / "no-model",
-            XMAG_SLIDE_ROOTS=str(SLIDES_DIR),
-            XMAG_API_KEYS=f"{KEY_A}@lab-a,{KEY_B}@lab-b,{KEY_ADMIN}:admin@ops",
-        )
-        api, base = start_api(env, data / "api.log")
-        try:
-            yield base, data
-        finally:
-            api.stop()
+    keys = f"{KEY_A}@lab-a,{KEY_B}@lab-b,{KEY_ADMIN}:admin@ops"
+    with api_stack(tmp_path_factory.mktemp("contract"), keys) as stack:
+        yield stack.base, stack.data
 
 
 @pytest.fixture(scope="module")

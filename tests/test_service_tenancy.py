@@ -21,7 +21,6 @@ import httpx
 import pytest
 
 from service.audit import REFUSALS_LOGGED_PER_MINUTE
-from service.embedded_redis import EmbeddedRedis
 from service.queue import redis_client
 from service.schemas import WebhookEvent
 from service.store import JobState, JobStore
@@ -31,9 +30,8 @@ from tests.service_helpers import (
     ROOT,
     WEBHOOK_SECRET,
     WebhookReceiver,
+    api_stack,
     client,
-    service_env,
-    start_api,
 )
 
 SVS = SLIDES_DIR / "CMU-1-Small-Region.svs"
@@ -44,20 +42,9 @@ KEY_ADMIN = "ops-admin-key-0123456789abcdef012"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    data = tmp_path_factory.mktemp("tenancy")
-    with EmbeddedRedis(data / "redis") as redis_server:
-        env = service_env(
-            redis_server.url,
-            data,
-            data / "no-model",
-            XMAG_SLIDE_ROOTS=str(SLIDES_DIR),
-            XMAG_API_KEYS=f"{KEY_A}@lab-a,{KEY_B}@lab-b,{KEY_ADMIN}:admin@ops",
-        )
-        api, base = start_api(env, data / "api.log")
-        try:
-            yield {"base": base, "data": data, "env": env, "redis_url": redis_server.url}
-        finally:
-            api.stop()
+    keys = f"{KEY_A}@lab-a,{KEY_B}@lab-b,{KEY_ADMIN}:admin@ops"
+    with api_stack(tmp_path_factory.mktemp("tenancy"), keys) as s:
+        yield {"base": s.base, "data": s.data, "env": s.env, "redis_url": s.redis_url}
 
 
 @pytest.fixture

@@ -12,10 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.embedded_redis import EmbeddedRedis
 from service.viewer import ReaderCache, SlideKey, TileCache
 from tests.conftest import SLIDES_DIR
-from tests.service_helpers import API_KEY, READ_KEY, client, service_env, start_api, upload
+from tests.service_helpers import API_KEY, READ_KEY, api_stack, client, upload
 
 SVS = SLIDES_DIR / "CMU-1-Small-Region.svs"  # 2220 x 2967, one level
 OME = SLIDES_DIR / "OS-2-ndpi.ome.tif"
@@ -27,20 +26,9 @@ OTHER_CLIENT_KEY = "viewer-lab-b-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("viewer")
-    with EmbeddedRedis(data / "redis") as redis_server:
-        env = service_env(
-            redis_server.url,
-            data,
-            data / "no-model",
-            XMAG_SLIDE_ROOTS=str(SLIDES_DIR),
-            XMAG_API_KEYS=f"{API_KEY},{READ_KEY}:read,{OTHER_CLIENT_KEY}@lab-b",
-        )
-        api, url = start_api(env, data / "api.log")
-        try:
-            yield url
-        finally:
-            api.stop()
+    keys = f"{API_KEY},{READ_KEY}:read,{OTHER_CLIENT_KEY}@lab-b"
+    with api_stack(tmp_path_factory.mktemp("viewer"), keys) as stack:
+        yield stack.base
 
 
 @pytest.fixture
