@@ -52,6 +52,7 @@ __all__ = [
     "TileBatch",
     "iter_tile_batches",
     "level_origins",
+    "read_level_region",
     "read_tile",
     "read_tile_at",
     "tile_level_origins",
@@ -103,10 +104,11 @@ def _level0_of(level_xy: Sequence[int] | np.ndarray, level: LevelChoice) -> tupl
     return (round(float(level_xy[0]) * ds), round(float(level_xy[1]) * ds))
 
 
-def _read(
+def read_level_region(
     reader: SlideReader, level: LevelChoice, level_xy: Sequence[int], size: tuple[int, int]
 ) -> np.ndarray:
-    """One ``read_region`` at ``level``; any failure becomes ``RegionReadError``."""
+    """One ``read_region`` of ``size`` level pixels at level pixel ``level_xy`` of ``level``;
+    any failure, or pixels of another shape or type, becomes ``RegionReadError``."""
     level0_xy = _level0_of(level_xy, level)
     try:
         pixels = reader.read_region(level0_xy, level.level, size)
@@ -189,7 +191,7 @@ def read_tile_at(
         raise XmagUsageError(f"tile_px must be at least 1, got {tile_px}")
     read_px = level.read_px(tile_px)
     origin = level_origins(np.asarray(level0_xy), level)[0]
-    region = _read(reader, level, origin, (read_px, read_px))
+    region = read_level_region(reader, level, origin, (read_px, read_px))
     return np.ascontiguousarray(_to_tile_px(region, tile_px))
 
 
@@ -234,7 +236,7 @@ def _read_run(
     out: np.ndarray,
 ) -> None:
     """Read one region and write its tiles, resampled, into ``out`` at their batch positions."""
-    region = _read(reader, level, run.level_xy, (run.width, read_px))
+    region = read_level_region(reader, level, run.level_xy, (run.width, read_px))
     for pos, dx in zip(run.positions, run.offsets_x, strict=True):
         out[pos] = _to_tile_px(region[:, dx : dx + read_px], tile_px)
 

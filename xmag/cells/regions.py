@@ -23,10 +23,10 @@ import numpy as np
 from xmag.cells.detect import DetectorParams, detect_nuclei
 from xmag.cells.measure import TypeRules
 from xmag.cells.table import CellTable
-from xmag.errors import RegionReadError, XmagError, XmagUsageError
+from xmag.errors import XmagUsageError
 from xmag.level import LevelChoice, choose_level
 from xmag.readers.base import SlideReader
-from xmag.tiles import level_origins
+from xmag.tiles import level_origins, read_level_region
 
 __all__ = [
     "CHUNK_MARGIN_UM",
@@ -112,37 +112,6 @@ def detect_image(
     )
 
 
-def _read_level(
-    reader: SlideReader, level: LevelChoice, level_xy: np.ndarray, size: tuple[int, int]
-) -> np.ndarray:
-    """One ``read_region`` of the chosen level; an untranslated failure becomes typed."""
-    ds = level.level_downsample
-    level0_xy = (round(float(level_xy[0]) * ds), round(float(level_xy[1]) * ds))
-    try:
-        pixels = reader.read_region(level0_xy, level.level, size)
-    except (XmagError, XmagUsageError):
-        raise
-    except Exception as exc:  # an adapter failed in a way it did not translate: still typed
-        raise RegionReadError.for_region(
-            reader.path,
-            level.level,
-            level0_xy,
-            size,
-            f"reading level {level.level} at level-0 {level0_xy} size {size} failed "
-            f"({type(exc).__name__}: {exc}); the slide may be damaged there.",
-        ) from exc
-    if pixels.shape != (size[1], size[0], 3) or pixels.dtype != np.uint8:
-        raise RegionReadError.for_region(
-            reader.path,
-            level.level,
-            level0_xy,
-            size,
-            f"the reader returned {pixels.shape} {pixels.dtype}, expected "
-            f"{(size[1], size[0], 3)} uint8.",
-        )
-    return pixels
-
-
 def detect_slide_region(
     reader: SlideReader,
     level0_mpp: float,
@@ -191,7 +160,7 @@ def detect_slide_region(
         start = np.array([[x0 + x * scale, y0 + y * scale]], np.float64)
         level_xy = level_origins(start, level)[0]
         size = (level.read_px(w), level.read_px(h))
-        pixels = _read_level(reader, level, level_xy, size)
+        pixels = read_level_region(reader, level, level_xy, size)
         if size != (w, h):
             interp = cv2.INTER_AREA if size[0] > w else cv2.INTER_CUBIC
             pixels = cv2.resize(pixels, (w, h), interpolation=interp)
