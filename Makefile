@@ -122,7 +122,7 @@ base-image:
 compose-check:
 	$(DEPLOY_PYTHON) docker/compose_check.py docker/docker-compose.yml
 
-compose-e2e:
+compose-e2e: ui
 	BASE_IMAGE=$(BASE_IMAGE) $(DEPLOY_PYTHON) docker/compose_e2e.py
 
 clean:

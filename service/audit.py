@@ -20,8 +20,11 @@ another client*: the entry keeps which, for the admin who reads it), ``conflict`
 
 Storage: ``<data_dir>/audit/audit.jsonl`` (one line per entry, appended with ``O_APPEND`` so
 several API processes interleave whole lines; never rewritten) and the Redis stream
-``{ns}:audit`` (never trimmed), which ``GET /v1/audit`` pages newest first with a cursor (the
-stream id of the last entry seen).
+``{ns}:audit``, which ``GET /v1/audit`` pages newest first with a cursor (the stream id of the last
+entry seen). The file is the complete record; the stream keeps about the newest
+``STREAM_MAX_ENTRIES`` (trimmed approximately on append, so Redis memory stays bounded however long
+the service runs: roughly 300 bytes per entry, ~300 MB at the bound). Older entries are read from
+the file.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ import redis
 
 from service.errors import InvalidRequestError
 
-__all__ = ["AuditLog", "audit_path"]
+__all__ = ["STREAM_MAX_ENTRIES", "AuditLog", "audit_path"]
 
+#: Entries the Redis stream keeps (approximately: Redis trims whole nodes); the file keeps all.
+STREAM_MAX_ENTRIES = 1_000_000
 #: Entries one query reads from the stream at most (a query never scans the whole log).
 MAX_SCAN = 5_000
 #: Unauthenticated refusals logged per source address and minute; the rest are counted (a flood
@@ -65,12 +70,21 @@ class AuditLog:
         client: redis-py client (``decode_responses=True``).
         namespace: key prefix.
         path: the JSON-lines file (its folder is created).
+        stream_max_entries: entries the stream keeps, approximately (the file keeps every one).
     """
 
-    def __init__(self, client: redis.Redis, namespace: str, path: Path) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        path: Path,
+        *,
+        stream_max_entries: int = STREAM_MAX_ENTRIES,
+    ) -> None:
         self.r = client
         self.stream = f"{namespace}:audit"
         self.path = path
+        self.stream_max_entries = stream_max_entries
         self._lock = threading.Lock()
 
     def record(self, action: str, *, outcome: str = "ok", **fields: Any) -> dict[str, Any]:
@@ -86,7 +100,9 @@ class AuditLog:
         }
         entry.update({k: v for k, v in fields.items() if v not in (None, "")})
         line = json.dumps(entry, separators=(",", ":"), sort_keys=True)
-        entry_id = str(self.r.xadd(self.stream, {"e": line}))
+        entry_id = str(
+            self.r.xadd(self.stream, {"e": line}, maxlen=self.stream_max_entries, approximate=True)
+        )
         entry["id"] = entry_id
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -196,3 +197,22 @@ def test_the_callback_allowlist_is_read_from_a_comma_separated_variable(
 
     monkeypatch.setenv("XMAG_CALLBACK_ALLOWED_HOSTS", "lis.example.org, 10.0.0.0/8")
     assert ServiceSettings().callback_allowed_hosts == ["lis.example.org", "10.0.0.0/8"]
+
+
+def test_the_audit_stream_stays_bounded_while_the_file_keeps_every_entry(tmp_path: Path) -> None:
+    from service.audit import AuditLog, audit_path
+    from service.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        log = AuditLog(server.client(), "t", audit_path(tmp_path), stream_max_entries=200)
+        for i in range(1_500):
+            log.record("job.read", outcome="not_found", client="lab-a", detail=f"n{i}")
+        kept = server.client().xlen(log.stream)
+        newest = server.client().xrevrange(log.stream, count=1)
+    # Approximate trimming drops whole macro-nodes (100 entries by default): never fewer than asked.
+    assert 200 <= kept <= 400
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in newest[0][1].items()}
+    assert json.loads(fields["e"])["detail"] == "n1499"
+    lines = audit_path(tmp_path).read_text().splitlines()
+    assert len(lines) == 1_500
+    assert json.loads(lines[0])["detail"] == "n0"
