@@ -65,7 +65,14 @@ TABLE: dict[str, Plans | Fails] = {
             "tiffslide", 0, MppSource.DEFAULT, Modality.IHC, default_mpp=0.5, zero_tissue=True
         ),
     ),
-    "vsi-ets-test-jpg2k": Fails("UNSUPPORTED_FORMAT"),
+    # Real fluorescence (16-bit channels shown as display RGB by fastslide_reader), both small:
+    # the CZI is 592 x 228 um (296 x 114 px at 2 um/px: 64 px tiles), the VSI 178 x 182 um.
+    "1_tileregion.czi": Plans(
+        "fastslide", 1, MppSource.METADATA, Modality.FLUORESCENCE, tile_px=64
+    ),
+    "vsi-ets-test-jpg2k": Plans(
+        "fastslide", 0, MppSource.METADATA, Modality.FLUORESCENCE, tile_px=32
+    ),
 }
 
 

@@ -46,7 +46,8 @@ EXPECTED: dict[str, tuple[str, str | None, str, int] | str] = {
     "OS-2-ndpi.ome.tif": ("tiffslide", None, "ome-tiff", 1),
     "kidney-48-5.tif": ("tiffslide", None, "tiff", 1),
     "BPAEC-dicom": ("wsidicom", "dicom", "dicom", 8),
-    "vsi-ets-test-jpg2k": "UNSUPPORTED_FORMAT",
+    "vsi-ets-test-jpg2k": ("fastslide", "olympus", "vsi", 1),
+    "1_tileregion.czi": ("fastslide", "zeiss", "czi", 2),
     "PROVENANCE.md": "UNSUPPORTED_FORMAT",
 }
 OPENABLE = sorted(k for k, v in EXPECTED.items() if isinstance(v, tuple))
@@ -87,8 +88,9 @@ def test_levels_start_at_level_zero_and_shrink(name: str) -> None:
 def test_read_region_returns_rgb_uint8_and_white_outside_the_slide(name: str) -> None:
     with open_slide(SLIDES / name) as reader:
         w0, h0 = reader.dimensions
-        inside = reader.read_region((w0 // 3, h0 // 3), 0, (64, 48))
-        assert inside.shape == (48, 64, 3) and inside.dtype == np.uint8
+        # 256 x 192 px: the VSI's fluorescence background is exactly 0 over 64 x 48 px there.
+        inside = reader.read_region((w0 // 3, h0 // 3), 0, (256, 192))
+        assert inside.shape == (192, 256, 3) and inside.dtype == np.uint8
         assert inside.std() > 0  # real pixels, not a constant fill
         corner = reader.read_region((w0 - 20, h0 - 10), 0, (50, 30))
         assert corner.shape == (30, 50, 3)
@@ -162,7 +164,9 @@ def test_an_empty_file_is_a_corrupt_slide(tmp_path: Path) -> None:
         open_slide(empty)
 
 
-def test_text_png_jpeg_and_czi_files_are_unsupported(tmp_path: Path) -> None:
+def test_text_png_and_jpeg_files_are_unsupported_and_a_damaged_czi_is_corrupt(
+    tmp_path: Path,
+) -> None:
     tile = np.asarray(Image.open(Path(__file__).parent / "data/patches/nct-crc-he/kather1.tif"))
     text = tmp_path / "notes.txt"
     text.write_text("not a slide\n")
@@ -171,20 +175,23 @@ def test_text_png_jpeg_and_czi_files_are_unsupported(tmp_path: Path) -> None:
     Image.fromarray(tile).save(jpeg)
     czi = tmp_path / "scan.czi"
     czi.write_bytes(b"ZISRAWFILE" + bytes(range(256)) * 8)
-    for path in (text, png, jpeg, czi):
+    for path in (text, png, jpeg):
         _assert_unsupported(path)
-    # OpenSlide 4 detects CZI ("zeiss"); xmag refuses it (not in its supported formats).
+    # OpenSlide 4 detects CZI ("zeiss") but xmag does not take CZI from it: fastslide reads CZI,
+    # and refuses this one (a CZI header over garbage) as damaged.
     assert openslide.OpenSlide.detect_format(str(czi)) == "zeiss"
-    with pytest.raises(UnsupportedFormatError, match="Zeiss CZI"):
+    with pytest.raises(CorruptSlideError, match="Zeiss CZI") as info:
         open_slide(czi)
+    assert info.value.code == "CORRUPT_SLIDE"
     with pytest.raises(UnsupportedFormatError, match="does not accept"):
         OpenSlideReader(czi)
 
 
-def test_the_vsi_folder_and_its_vsi_file_are_unsupported() -> None:
+def test_the_vsi_folder_and_its_vsi_file_open_with_fastslide() -> None:
     folder = SLIDES / "vsi-ets-test-jpg2k"
-    _assert_unsupported(folder)
-    _assert_unsupported(folder / "vsi-ets-test-jpg2k.vsi")
+    for path in (folder, folder / "vsi-ets-test-jpg2k.vsi"):
+        with open_slide(path) as reader:
+            assert (reader.name, reader.format) == ("fastslide", "vsi")
 
 
 def test_a_truncated_svs_fails_at_open_as_corrupt(tmp_path: Path) -> None:
@@ -293,8 +300,9 @@ def test_a_folder_of_non_wsi_dicom_is_refused_by_wsidicom(tmp_path: Path) -> Non
 
 
 # -- registry -----------------------------------------------------------------------------------
-def test_the_registry_tries_openslide_then_tiffslide_then_wsidicom() -> None:
-    assert [r.name for r in registered_readers()] == ["openslide", "tiffslide", "wsidicom"]
+def test_the_registry_tries_openslide_then_tiffslide_then_wsidicom_then_fastslide() -> None:
+    names = [r.name for r in registered_readers()]
+    assert names == ["openslide", "tiffslide", "wsidicom", "fastslide"]
 
 
 def test_registering_a_reader_name_twice_is_refused() -> None:
@@ -343,6 +351,7 @@ def test_a_new_reader_s_formats_join_the_sentence_without_editing_a_list(
 def test_the_package_exports_exactly_its_public_names() -> None:
     public = {n for n in dir(readers) if not n.startswith("_")} - {
         "annotations", "os", "Path", "base", "dicom_reader", "openslide_reader", "tiff_reader",
+        "fastslide_reader",
         "CorruptSlideError", "SlideNotFoundError", "UnsupportedFormatError",
     }  # fmt: skip
     assert set(readers.__all__) == public
@@ -371,11 +380,20 @@ def _wsidicom_first_path(path: Path, xy: tuple[int, int], size: tuple[int, int])
         wsi.close()
 
 
-# Per reader: (slide, the library's own read, which of our channels to compare).
+def _fastslide_rgb(path: Path, xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    import fastslide
+
+    with fastslide.FastSlide.from_file_path(str(path)) as slide:
+        return np.array(slide.read_region(xy, 0, size).numpy())[..., :3]
+
+
+# Per reader: (slide, the library's own read, which of our channels to compare). fastslide reads
+# the SVS here (it opens it when preferred): its 8-bit RGB passes through as the library gives it.
 LIBRARY_READS: dict[str, tuple[Path, Callable[..., np.ndarray], slice | int]] = {
     "openslide": (SVS, _openslide_rgb, slice(None)),
     "tiffslide": (SLIDES / "OS-2-ndpi.ome.tif", _tiffslide_rgb, slice(None)),
     "wsidicom": (DICOM_DIR, _wsidicom_first_path, 2),
+    "fastslide": (SVS, _fastslide_rgb, slice(None)),
 }
 
 

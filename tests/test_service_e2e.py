@@ -42,7 +42,8 @@ from tests.service_helpers import (
 
 SVS = SLIDES_DIR / "CMU-1-Small-Region.svs"  # Aperio, 3 tiles at 5x
 NDPI_OME = SLIDES_DIR / "OS-2-ndpi.ome.tif"  # OME-TIFF from an NDPI scan, 1 tile at 5x
-VSI = SLIDES_DIR / "vsi-ets-test-jpg2k" / "vsi-ets-test-jpg2k.vsi"
+# A file of the slide folder that is no slide (the VSI there opens now, with fastslide).
+NOT_A_SLIDE = SLIDES_DIR / "PROVENANCE.md"
 TOO_SMALL = SLIDES_DIR / "OS-1-detail.ome.tif"  # smaller than one 5x tile: NO_TISSUE
 
 
@@ -232,7 +233,7 @@ def test_a_batch_with_one_bad_slide_fails_only_that_slide_with_its_code(
     body = {
         "jobs": [
             {"path": SVS.name},
-            {"path": str(VSI.relative_to(SLIDES_DIR))},
+            {"path": str(NOT_A_SLIDE.relative_to(SLIDES_DIR))},
             {"path": NDPI_OME.name},
             {"path": TOO_SMALL.name},
         ]

@@ -23,8 +23,9 @@ from PIL import Image
 
 from training.config import DataConfig, SlideEntry, StudentView
 from xmag.errors import NoTissueError, SlideError
-from xmag.level import LEVEL_MATCH_TOLERANCE, choose_level
+from xmag.level import LEVEL_MATCH_TOLERANCE, choose_decode, choose_level
 from xmag.mpp import resolve_mpp
+from xmag.params import TilingParams
 from xmag.readers import SlideReader, open_slide
 from xmag.tiles import read_tile_at
 from xmag.tissue import TissueMask
@@ -135,9 +136,17 @@ class SlideFields:
                 mpp=self.mpp,
             )
         self.level0_side = geometry.field_um / self.mpp
-        # The levels the service reads at each mpp: the views are tiles of those reads.
+        # The levels the service reads at each mpp: the views are tiles of those reads. The 5x
+        # view is decoded the way the service decodes its tiles by default (``TilingParams.decode``:
+        # a JPEG level at a reduced DCT scale where it qualifies), so it stays the served tile; the
+        # teacher's 20x view is the exact reference read.
         self.hi_level = choose_level(self.reader, self.mpp, geometry.hi_mpp)
-        self.lo_level = choose_level(self.reader, self.mpp, geometry.lo_mpp)
+        self.lo_level = choose_decode(
+            self.reader,
+            choose_level(self.reader, self.mpp, geometry.lo_mpp),
+            geometry.lo_px,
+            TilingParams().decode,
+        )
         w0, h0 = self.reader.dimensions
         if min(w0, h0) < self.level0_side:
             # A field hanging off the slide would train on padding, not tissue.

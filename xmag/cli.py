@@ -135,6 +135,10 @@ DetectorOpt = Annotated[
         show_default=False,
     ),
 ]
+DecodeOpt = Annotated[
+    str | None,
+    typer.Option("--decode", help=_option_help("decode"), show_default=False),
+]
 _FLAGS = {"mpp_override": "--mpp", "default_mpp": "--default-mpp"}
 
 
@@ -143,6 +147,7 @@ def slide_options(
     default_mpp: float | None,
     tissue_threshold: float | None,
     tissue_detector: str | None = None,
+    decode: str | None = None,
 ) -> SlideOptions:
     """``SlideOptions`` from the CLI flags; its bounds are the API's (one model for both).
 
@@ -155,6 +160,7 @@ def slide_options(
             default_mpp=default_mpp,
             tissue_threshold=tissue_threshold,
             tissue_detector=tissue_detector,
+            decode=decode,  # the model checks the choice
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -184,6 +190,7 @@ def embed(
     default_mpp: DefaultMppOpt = None,
     tissue_threshold: ThresholdOpt = None,
     tissue_detector: DetectorOpt = None,
+    decode: DecodeOpt = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Tiles per model call.")
     ] = None,
@@ -208,7 +215,7 @@ def embed(
     from xmag.store import ResultStore
 
     err = _stderr()
-    options = slide_options(mpp, default_mpp, tissue_threshold, tissue_detector)
+    options = slide_options(mpp, default_mpp, tissue_threshold, tissue_detector, decode)
     overrides: dict[str, object] = {}
     if batch_size is not None:
         overrides["batch_size"] = batch_size
@@ -361,9 +368,10 @@ def inspect_cmd(
     default_mpp: DefaultMppOpt = None,
     tissue_threshold: ThresholdOpt = None,
     tissue_detector: DetectorOpt = None,
+    decode: DecodeOpt = None,
 ) -> None:
     """Show what the core sees in a slide (no model is run)."""
-    options = slide_options(mpp, default_mpp, tissue_threshold, tissue_detector)
+    options = slide_options(mpp, default_mpp, tissue_threshold, tissue_detector, decode)
     report = inspect_slide(slide, model=model, options=options)
     if json_out:
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")

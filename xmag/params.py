@@ -9,7 +9,7 @@ both models.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_TARGET_MPP",
     "DEFAULT_TILE_PX",
     "DEFAULT_TISSUE_THRESHOLD",
+    "DecodeMode",
     "SlideOptions",
     "TilingParams",
 ]
@@ -33,6 +34,15 @@ TissueFraction = Annotated[float, Field(ge=0.0, le=1.0)]
 _MPP_OVERRIDE = "level-0 um/px to use instead of the slide's metadata"
 _DEFAULT_MPP = "level-0 um/px to assume when the slide states none (else UNKNOWN_MPP)"
 _TISSUE_DETECTOR = "tissue detector by name (xmag.tissue.registered_detectors()), or auto"
+_DECODE = (
+    "how tile pixels are decoded: auto (when a tile's read is downsampled, JPEG tiles decoded "
+    "straight from the file at 1/2, 1/4 or 1/8 scale: within about 1 grey level of exact on "
+    "average, 5x faster from a 40x slide) or exact (the reader's read_region and an area resize)"
+)
+
+#: Tile decode path: "auto" lets the reader decode JPEG tiles at a reduced scale (xmag.level
+#: ``choose_decode``), "exact" always reads regions and resizes them.
+DecodeMode = Literal["auto", "exact"]
 
 
 def _registered_detector(name: str) -> str:
@@ -67,6 +77,7 @@ class SlideOptions(BaseModel):
         description="fraction of a tile that must be tissue to keep it (default: the model's)",
     )
     tissue_detector: TissueDetectorName | None = Field(default=None, description=_TISSUE_DETECTOR)
+    decode: DecodeMode | None = Field(default=None, description=_DECODE)
 
 
 class TilingParams(BaseModel):
@@ -87,6 +98,7 @@ class TilingParams(BaseModel):
     tissue_detector: TissueDetectorName = Field("auto", description=_TISSUE_DETECTOR)
     mpp_override: MppUm | None = Field(None, description=_MPP_OVERRIDE)
     default_mpp: MppUm | None = Field(None, description=_DEFAULT_MPP)
+    decode: DecodeMode = Field("auto", description=_DECODE)
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingParams:

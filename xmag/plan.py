@@ -1,6 +1,7 @@
 """The slide plan: every decision made before a tile is read, composed from the core's stages.
 
-    reader -> resolve_mpp -> choose_level -> detect_tissue (+ modality) -> build_grid -> QC
+    reader -> resolve_mpp -> choose_level (+ choose_decode) -> detect_tissue (+ modality)
+           -> build_grid -> QC
 
 ``plan_slide`` reads only a thumbnail; the tile reads (``xmag.tiles``) follow the plan. A slide
 with no tissue is planned like any other (``plan.qc.zero_tissue`` says so): the caller decides
@@ -23,7 +24,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from xmag.errors import JobCanceledError
 from xmag.grid import TileGrid, build_grid
-from xmag.level import LevelChoice, choose_level
+from xmag.level import LevelChoice, choose_decode, choose_level
 from xmag.mpp import MppInfo, resolve_mpp
 from xmag.params import TilingParams
 from xmag.qc import SlideQC, build_qc
@@ -120,6 +121,7 @@ def plan_slide(
     reader.check_segment_sizes()
     mpp = resolve_mpp(reader, override=params.mpp_override, default=params.default_mpp)
     level = choose_level(reader, mpp.mpp, params.target_mpp)
+    level = choose_decode(reader, level, params.tile_px, params.decode)
     tissue = detect_tissue(
         reader,
         method=params.tissue_detector,

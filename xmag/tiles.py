@@ -15,6 +15,18 @@ on a grid cell), so a square read there equals the served tile wherever a grid c
   the slide size (about ``max_pending * batch_size * tile_px^2 * 3`` bytes plus one region of at
   most ``MAX_REGION_PX`` x ``read_px`` per worker).
 
+When the plan's level says so (``LevelChoice.decode`` = ``"jpeg-dct-1/n"``, chosen by
+``xmag.level.choose_decode`` from what the reader offers), a tile is instead decoded straight from
+the level's JPEG tiles at 1/n scale (``SlideReader.read_region_reduced``), then resized the rest
+of the way (nothing left for a 40x slide read at 5x from its 1 um/px level). The pixels are close
+to, not equal to, the reference's (tests/test_fast_decode.py holds the tolerance); ``read_tile``
+and ``iter_tile_batches`` follow the same level, so they still agree with each other exactly.
+A tile whose read does not start on a whole pixel of 1/n is decoded at the next finer scale on
+whose pixels it starts (1/1 at worst); one the reader refuses (past the level's edge, an absent
+tile) is read as the reference. The reader caches decoded JPEG tiles (bounded, per level), so
+neighbours do not decode one twice; regions are not coalesced on this path, and each worker gets
+a run of consecutive tiles of the batch so its neighbours' JPEG tiles are still cached.
+
 A failed read raises ``RegionReadError`` (never a substitute tile). Closing the generator early
 (``break``, ``close()``, garbage collection) cancels queued reads and joins the worker threads.
 
@@ -40,7 +52,7 @@ import numpy as np
 
 from xmag.errors import RegionReadError, XmagError, XmagUsageError
 from xmag.grid import TileGrid
-from xmag.level import LevelChoice
+from xmag.level import LevelChoice, decode_reduce
 from xmag.params import TilingParams
 from xmag.plan import SlidePlan, plan_slide
 from xmag.readers import open_slide
@@ -151,7 +163,8 @@ def read_tile(reader: SlideReader, grid: TileGrid, level: LevelChoice, index: in
     The reference read: one ``read_region`` of ``level.read_px(grid.tile_px)`` pixels of
     ``level.level`` at the tile's level origin (``tile_level_origins``), then ``cv2.INTER_AREA``
     down to ``grid.tile_px`` (``INTER_CUBIC`` up when the level is coarser than the target; no
-    resampling when the sizes match).
+    resampling when the sizes match). With ``level.decode`` = ``"jpeg-dct-1/n"`` the same
+    pixels are decoded from the level's JPEG tiles at 1/n scale instead (module docstring).
 
     Raises:
         RegionReadError: the region cannot be decoded.
@@ -191,8 +204,53 @@ def read_tile_at(
         raise XmagUsageError(f"tile_px must be at least 1, got {tile_px}")
     read_px = level.read_px(tile_px)
     origin = level_origins(np.asarray(level0_xy), level)[0]
-    region = read_level_region(reader, level, origin, (read_px, read_px))
-    return np.ascontiguousarray(_to_tile_px(region, tile_px))
+    return np.ascontiguousarray(_read_one(reader, level, origin, read_px, tile_px))
+
+
+def _read_one(
+    reader: SlideReader, level: LevelChoice, origin: np.ndarray, read_px: int, tile_px: int
+) -> np.ndarray:
+    """One tile whose read starts at level pixel ``origin``, by ``level.decode``'s path."""
+    reduce = decode_reduce(level)
+    while reduce >= 1:
+        x, y = int(origin[0]), int(origin[1])
+        if x % reduce == 0 and y % reduce == 0 and read_px % reduce == 0:
+            try:
+                scaled = reader.read_region_reduced(
+                    _level0_of(origin, level), level.level, (read_px, read_px), reduce
+                )
+            except (XmagError, XmagUsageError):
+                raise
+            except Exception as exc:  # an adapter failed in a way it did not translate
+                raise RegionReadError.for_region(
+                    reader.path,
+                    level.level,
+                    _level0_of(origin, level),
+                    (read_px, read_px),
+                    f"decoding level {level.level} at 1/{reduce} failed "
+                    f"({type(exc).__name__}: {exc}); the slide may be damaged there.",
+                ) from exc
+            if scaled is None:
+                break  # the reader cannot: the reference read
+            return _to_tile_px(scaled, tile_px)
+        reduce //= 2
+    xy = (int(origin[0]), int(origin[1]))
+    region = read_level_region(reader, level, xy, (read_px, read_px))
+    return _to_tile_px(region, tile_px)
+
+
+def _read_tiles(
+    reader: SlideReader,
+    level: LevelChoice,
+    origins: np.ndarray,
+    positions: np.ndarray,
+    read_px: int,
+    tile_px: int,
+    out: np.ndarray,
+) -> None:
+    """Read tiles one by one (the decoded-JPEG path) into ``out`` at their batch positions."""
+    for pos, origin in zip(positions, origins, strict=True):
+        out[pos] = _read_one(reader, level, origin, read_px, tile_px)
 
 
 @dataclass(frozen=True)
@@ -276,6 +334,7 @@ def iter_tile_batches(
     read_px = level.read_px(grid.tile_px)
     ds = level.level_downsample
     coalesce = abs(ds - round(ds)) <= _INTEGER_DOWNSAMPLE_TOL and read_px <= MAX_REGION_PX
+    direct = decode_reduce(level) > 0
     origins = tile_level_origins(grid, level, order)
     n_batches = math.ceil(order.size / batch_size)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xmag-tiles")
@@ -286,10 +345,26 @@ def iter_tile_batches(
             while submitted < n_batches and len(pending) < max_pending:
                 span = slice(submitted * batch_size, min(order.size, (submitted + 1) * batch_size))
                 out = np.empty((span.stop - span.start, grid.tile_px, grid.tile_px, 3), np.uint8)
-                futures = [
-                    pool.submit(_read_run, reader, level, run, read_px, grid.tile_px, out)
-                    for run in _plan_runs(origins[span], read_px, coalesce)
-                ]
+                if direct:  # consecutive tiles to one worker: they share JPEG tiles
+                    chunks = np.array_split(np.arange(out.shape[0]), min(workers, out.shape[0]))
+                    futures = [
+                        pool.submit(
+                            _read_tiles,
+                            reader,
+                            level,
+                            origins[span][chunk],
+                            chunk,
+                            read_px,
+                            grid.tile_px,
+                            out,
+                        )
+                        for chunk in chunks
+                    ]
+                else:
+                    futures = [
+                        pool.submit(_read_run, reader, level, run, read_px, grid.tile_px, out)
+                        for run in _plan_runs(origins[span], read_px, coalesce)
+                    ]
                 pending.append((span, out, futures))
                 submitted += 1
             span, out, futures = pending.popleft()

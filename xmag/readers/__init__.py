@@ -8,6 +8,12 @@ to the next one; any other error is the slide's and is raised as is.
     openslide  (10)  the vendor formats OpenSlide detects
     tiffslide  (20)  OME-TIFF and TIFFs OpenSlide refuses (strip, one-level, untiled)
     wsidicom   (30)  DICOM WSI sets OpenSlide refuses
+    fastslide  (40)  Zeiss CZI and Olympus VSI (and, when preferred, what OpenSlide reads)
+
+A reader can be preferred (``open_slide(path, prefer=...)`` or ``XMAG_READER_PREFER``): it is
+tried first, on what it detects or, if it has ``detect_preferred``, on what that accepts; a
+refusal falls back to the order above. Preferring fastslide trades identical pixels for speed
+(see ``fastslide_reader``).
 
 Each reader declares its ``formats``; ``supported_formats_sentence()`` lists them for messages,
 CLI help and docs, so no list of formats is kept by hand.
@@ -24,8 +30,10 @@ from xmag.errors import (
     UnsupportedFormatError,
 )
 from xmag.readers import dicom_reader as _dicom_reader  # noqa: F401 - registers "wsidicom"
+from xmag.readers import fastslide_reader as _fastslide_reader  # noqa: F401 - "fastslide"
 from xmag.readers import openslide_reader as _openslide_reader  # noqa: F401 - "openslide"
 from xmag.readers import tiff_reader as _tiff_reader  # noqa: F401 - registers "tiffslide"
+from xmag.readers._prefer import reader_order as _reader_order
 from xmag.readers.base import (
     LevelInfo,
     MetadataMpp,
@@ -53,16 +61,20 @@ _KNOWN_OTHERS: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def open_slide(path: str | os.PathLike[str]) -> SlideReader:
+def open_slide(path: str | os.PathLike[str], *, prefer: str | None = None) -> SlideReader:
     """Open a whole-slide image with the first registered reader that reads its format.
 
     Args:
-        path: a slide file, a DICOM folder (one slide), or one .dcm file of such a folder.
+        path: a slide file, a DICOM folder (one slide), or one .dcm file of such a folder,
+            or a VSI file or the folder holding it.
+        prefer: name of a registered reader to try first (default: ``XMAG_READER_PREFER``,
+            else none); when it refuses the file, the registry order decides.
 
     Raises:
         SlideNotFoundError: nothing exists at ``path``.
         CorruptSlideError: the file is empty, or is a known format but damaged or truncated.
-        UnsupportedFormatError: no registered reader reads it (VSI, CZI, PNG, text...).
+        UnsupportedFormatError: no registered reader reads it (PNG, text...).
+        SettingsError: ``prefer`` (or ``XMAG_READER_PREFER``) names no registered reader.
     """
     p = Path(path)
     if not p.exists():
@@ -73,8 +85,8 @@ def open_slide(path: str | os.PathLike[str]) -> SlideReader:
             path=p,
         )
     refusals: list[str] = []
-    for reader_cls in registered_readers():
-        if not reader_cls.detect(p):
+    for reader_cls, detect in _reader_order(prefer):
+        if not detect(p):
             continue
         try:
             return reader_cls(p)

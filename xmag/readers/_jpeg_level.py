@@ -12,6 +12,13 @@ opened): libjpeg guesses the colour space from markers and component ids, so til
 stream says one thing and the TIFF another are given an Adobe marker that states the TIFF's choice.
 Any doubt, and the thumbnail falls back to ``read_region``.
 
+Tile reads use it too (``JpegLevel.read_reduced``, behind ``SlideReader.read_region_reduced``): a
+region whose edges fall on whole pixels of the 1/``reduce`` scale is assembled from tiles decoded
+at that scale, kept in a small least-recently-used cache (``DECODE_CACHE_BYTES``) so neighbouring
+tile reads do not decode a JPEG tile twice. A region the fast path cannot give exactly as laid out
+(not aligned to the scale, reaching past the level's edge, covering an absent tile) is refused
+(None) and the caller reads it with ``read_region``.
+
 Also here: ``jpeg_colour_evidence``, which tells from a tile's JPEG header whether tiles a TIFF
 labels RGB were in fact coded as YCbCr (a writer's bug: decoded as labelled, glass turns pink).
 """
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +37,15 @@ import cv2
 import numpy as np
 import tifffile
 
-__all__ = ["JpegLevel", "find_jpeg_level", "jpeg_colour_evidence", "ycbcr_to_rgb"]
+__all__ = [
+    "DECODE_CACHE_BYTES",
+    "DECODE_SCALES",
+    "DecodedTileCache",
+    "JpegLevel",
+    "find_jpeg_level",
+    "jpeg_colour_evidence",
+    "ycbcr_to_rgb",
+]
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
 _REDUCED[8] = cv2.IMREAD_REDUCED_COLOR_8
@@ -36,6 +53,11 @@ _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
 _COMPRESSION_JPEG = 7
 SELF_CHECK_MAX_MEAN_DIFF = 3.0  # grey levels between the fast decode and tifffile's, one tile
 ROWS_PER_CHECK = 1  # tile rows decoded between two calls of ``check``
+DECODE_SCALES = (1, 2, 4, 8)  # 1/n scales libjpeg decodes in the DCT domain
+# Decoded tiles kept per level for tile reads: 48 MiB holds 1,000 256-px tiles at 1/2 scale or
+# 256 at full scale, two tile rows of a 60,000 px wide level, so a 5x tile row reuses the tiles
+# the row above decoded.
+DECODE_CACHE_BYTES = 48 * 2**20
 
 
 def _adobe_segment(transform: int) -> bytes:
@@ -105,6 +127,51 @@ def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.asarray(cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB))
 
 
+class DecodedTileCache:
+    """Least-recently-used decoded tiles, keyed by (tile index, scale), at most ``max_bytes``.
+
+    Thread-safe. Two threads missing the same tile at once both decode it (same pixels); the
+    cache never holds more than ``max_bytes`` of pixels.
+    """
+
+    def __init__(self, max_bytes: int = DECODE_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is None:
+                self.misses += 1
+                return None
+            self._tiles.move_to_end(key)
+            self.hits += 1
+            return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        if tile.nbytes > self.max_bytes:
+            return
+        tile.flags.writeable = False  # shared between reads: nobody may change it
+        with self._lock:
+            old = self._tiles.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self._tiles[key] = tile
+            self.nbytes += tile.nbytes
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._tiles.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tiles.clear()
+            self.nbytes = 0
+
+
 class JpegLevel:
     """The JPEG tiles of one TIFF page, read with ``os.pread`` (thread-safe, no shared seek)."""
 
@@ -124,12 +191,75 @@ class JpegLevel:
         rgb = page.photometric == _PHOTOMETRIC_RGB and not ycbcr_as_rgb
         self._marker = _adobe_segment(0 if rgb else 1)
         self.transform: int | None = None  # set to force a colour space (see ``raw``)
+        self.cache = DecodedTileCache()
         self._fd = os.open(path, os.O_RDONLY)
 
     def close(self) -> None:
+        self.cache.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def scales(self) -> tuple[int, ...]:
+        """The 1/n scales whose decoded tiles tile the level seamlessly (n divides the tile)."""
+        return tuple(n for n in DECODE_SCALES if self.tile_w % n == 0 and self.tile_h % n == 0)
+
+    def read_reduced(
+        self, level_xy: tuple[int, int], size: tuple[int, int], reduce: int
+    ) -> np.ndarray | None:
+        """``size`` (w, h) pixels of the level at ``level_xy`` (its own pixels), decoded at
+        1/``reduce`` scale: (h / reduce, w / reduce, 3) uint8 RGB.
+
+        Each pixel is libjpeg's DCT-domain reduction of a ``reduce`` x ``reduce`` block of the
+        level. Decoded tiles come from, and go to, ``cache``.
+
+        Returns:
+            The pixels, or None when the fast path cannot give the region as laid out: ``reduce``
+            is not one of ``scales()``, the region's edges do not fall on multiples of
+            ``reduce``, it reaches outside the level, or it covers an absent tile.
+
+        Raises:
+            ValueError: a tile does not decode.
+        """
+        x, y = level_xy
+        w, h = size
+        if reduce not in self.scales() or w <= 0 or h <= 0:
+            return None
+        if x % reduce or y % reduce or w % reduce or h % reduce:
+            return None
+        if x < 0 or y < 0 or x + w > self.width or y + h > self.height:
+            return None
+        c0, c1 = x // self.tile_w, (x + w - 1) // self.tile_w
+        r0, r1 = y // self.tile_h, (y + h - 1) // self.tile_h
+        indices = [r * self.cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+        if any(int(self._counts[i]) <= 0 for i in indices):
+            return None
+        tw, th = self.tile_w // reduce, self.tile_h // reduce
+        out = np.empty((h // reduce, w // reduce, 3), np.uint8)
+        ox, oy = x // reduce, y // reduce  # region origin, scaled pixels
+        for index in indices:
+            tile = self._cached_tile(index, reduce)
+            r, c = divmod(index, self.cols)
+            tx, ty = c * tw, r * th  # tile origin, scaled pixels
+            sx0, sy0 = max(ox, tx), max(oy, ty)
+            sx1 = min(ox + out.shape[1], tx + tw, tx + tile.shape[1])
+            sy1 = min(oy + out.shape[0], ty + th, ty + tile.shape[0])
+            if sx1 < min(ox + out.shape[1], tx + tw) or sy1 < min(oy + out.shape[0], ty + th):
+                raise ValueError(f"tile {index} decodes smaller than the level's tile size")
+            out[sy0 - oy : sy1 - oy, sx0 - ox : sx1 - ox] = tile[
+                sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
+            ]
+        return out
+
+    def _cached_tile(self, index: int, reduce: int) -> np.ndarray:
+        key = (index, reduce)
+        tile = self.cache.get(key)
+        if tile is None:
+            tile = self.decode_tile(index, reduce)
+            if tile is None:  # absent: checked before, so the file changed under us
+                raise ValueError(f"tile {index} is absent")
+            self.cache.put(key, tile)
+        return tile
 
     def tile_stream(self, index: int) -> bytes | None:
         """The tile's JPEG stream made whole (tables and colour marker inserted), or None when

@@ -209,6 +209,63 @@ class SlideReader(ABC):
             pixels = white_outside(ycbcr_to_rgb(pixels), level_xy, window)
         return pixels
 
+    def decode_scales(self, level: int) -> tuple[int, ...]:
+        """The 1/n scales at which ``read_region_reduced`` decodes ``level`` (empty: none).
+
+        A reader offers them for a level stored as JPEG tiles that decode, straight from the file,
+        to the colours its ``read_region`` gives (``xmag.readers._jpeg_level``): (1, 2, 4, 8) for
+        a TIFF level of 256-px tiles. Readers whose library does more than decode tiles (NDPI,
+        DICOM, anything not a tiled JPEG TIFF) offer none.
+        """
+        self._check_open()
+        if not 0 <= level < len(self.levels):
+            raise XmagUsageError(f"level {level} out of range 0..{len(self.levels) - 1}")
+        fast = self._jpeg_level(level)
+        return fast.scales() if fast is not None else ()
+
+    def read_region_reduced(
+        self, level0_xy: tuple[int, int], level: int, size: tuple[int, int], reduce: int
+    ) -> np.ndarray | None:
+        """``read_region`` of ``size`` (w, h) pixels of ``level``, decoded at 1/``reduce`` scale.
+
+        libjpeg reduces each ``reduce`` x ``reduce`` block in the DCT domain, which costs a
+        fraction of decoding it whole; the pixels are close to, not equal to, an area resize of
+        ``read_region`` (tests/test_fast_decode.py holds the tolerance). Decoded JPEG tiles are
+        cached per level (bounded) so neighbouring reads do not decode a tile twice.
+
+        Args:
+            level0_xy: top-left in level-0 pixels; must fall on a whole pixel of ``level``.
+            level: pyramid level; ``reduce`` must be one of ``decode_scales(level)``.
+            size: (w, h) in pixels of ``level``.
+            reduce: 1, 2, 4 or 8.
+
+        Returns:
+            (h / reduce, w / reduce, 3) uint8 RGB, or None when this reader cannot give the
+            region this way (the level does not qualify, the region's origin or size is not a
+            multiple of ``reduce``, it reaches outside the level or covers an absent tile): read
+            it with ``read_region`` then.
+
+        Raises:
+            RegionReadError: a tile does not decode.
+        """
+        self._check_open()
+        if not 0 <= level < len(self.levels):
+            raise XmagUsageError(f"level {level} out of range 0..{len(self.levels) - 1}")
+        fast = self._jpeg_level(level)
+        if fast is None:
+            return None
+        info = self.levels[level]
+        x, y = level0_xy[0] / info.downsample, level0_xy[1] / info.downsample
+        level_xy = (round(x), round(y))
+        if abs(x - level_xy[0]) > 1e-6 or abs(y - level_xy[1]) > 1e-6:
+            return None  # between two pixels of the level: libraries interpolate there
+        try:
+            return fast.read_reduced(level_xy, size, reduce)
+        except ValueError as exc:
+            raise self._undecodable(
+                level0_xy, level, size, str(exc), "the slide is damaged there."
+            ) from exc
+
     @property
     def colour_correction(self) -> str | None:
         """The colour correction applied to every read, or None.
@@ -535,6 +592,7 @@ class _TiffProbe:
         self.largest_segment_px = 0
         self.ycbcr_as_rgb = False
         self._levels: dict[tuple[int, int], JpegLevel | None] = {}
+        self._levels_lock = threading.Lock()  # tile reads ask from several threads
 
     @classmethod
     def of(cls, reader: SlideReader) -> _TiffProbe:
@@ -573,13 +631,16 @@ class _TiffProbe:
     def jpeg_level(self, reader: SlideReader, size: tuple[int, int]) -> JpegLevel | None:
         if self.tif is None:
             return None
-        if size not in self._levels:
-            from xmag.readers._jpeg_level import find_jpeg_level
+        if size in self._levels:
+            return self._levels[size]
+        with self._levels_lock:
+            if size not in self._levels:
+                from xmag.readers._jpeg_level import find_jpeg_level
 
-            self._levels[size] = find_jpeg_level(
-                self.tif, reader.path, size, ycbcr_as_rgb=self.ycbcr_as_rgb
-            )
-        return self._levels[size]
+                self._levels[size] = find_jpeg_level(
+                    self.tif, reader.path, size, ycbcr_as_rgb=self.ycbcr_as_rgb
+                )
+            return self._levels[size]
 
     def close(self) -> None:
         for level in self._levels.values():
