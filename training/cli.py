@@ -106,7 +106,9 @@ def _fit_handcrafted(teacher: Any, source: Any, seed: int) -> None:
 
 @app.command()
 def distill(
-    config: Annotated[Path, typer.Option(help="DistillConfig as JSON")],
+    config: Annotated[
+        Path, typer.Option(help="DistillConfig as JSON", exists=True, dir_okay=False)
+    ],
     steps: Annotated[int | None, typer.Option(help="override optim.steps (a new run)")] = None,
     resume: Annotated[
         bool, typer.Option(help="continue OUT_DIR/checkpoint.pt (the config must match it)")
