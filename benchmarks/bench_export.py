@@ -10,6 +10,8 @@ student's shape, random weights: speed does not depend on them), each exported w
     cosine of int8 to the PyTorch model on real tiles read from the test slides (min, mean)
 
 Run: ``python benchmarks/bench_export.py [--threads N] [--batch B] [--seconds S]``.
+The committed demo package itself (shipped fp32 vs shipped int8 at batch 1 and the engine's
+batch, plus the other int8 recipes evaluated for it) is ``benchmarks/bench_int8_demo.py``.
 Random weights get DINOv2-like layer scales (0.1-0.5) so every block shapes the output; timm's
 1e-5 init would make int8 errors vanish and the cosine meaningless.
 """

@@ -343,7 +343,10 @@ def export_package(
         )
         timings["parity"] = time.perf_counter() - t0
         report_path = stage / PARITY_FILE
-        report_path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        # No timestamp (``created``): a rebuild from the same sources writes the same bytes.
+        report_path.write_text(
+            report.model_dump_json(indent=2, exclude={"created"}) + "\n", encoding="utf-8"
+        )
         log(_parity_line(report))
         if not report.passed:
             kept = out_dir.parent / f"{out_dir.name}.parity-failed.json"

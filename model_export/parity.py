@@ -32,7 +32,6 @@ import platform
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +193,11 @@ class ParityReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: str = PARITY_REPORT_FORMAT
-    created: str
+    created: str | None = Field(
+        None,
+        description="no longer written: a timestamp made the package's bytes differ on every "
+        "rebuild (kept so older reports still load)",
+    )
     torch_version: str
     onnxruntime_version: str
     machine: str
@@ -395,7 +398,6 @@ def run_parity(
         results.append(vp.model_copy(update={"passed": not vp.failures()}))
     head_results = [_head_parity(h, tiles, ref_cls, outputs) for h in heads]
     return ParityReport(
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
         torch_version=torch.__version__,
         onnxruntime_version=ort.__version__,
         machine=f"{platform.machine()} {platform.processor() or platform.system()}",

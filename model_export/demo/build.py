@@ -7,8 +7,10 @@ package     checkpoint -> export_package -> model package (card, report, parity)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +65,38 @@ class _Laps:
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Build the demo checkpoint, report and (when ``cfg.package``) model package.
 
-    Writes ``cfg.out/{checkpoint.pt, report.json, report.md, loss_curve.png}``; the package gets
-    the same report under ``training/``. Returns the report dict (plus ``package`` when exported).
+    Writes ``cfg.out/{checkpoint.pt, report.json, report.md, loss_curve.png, timings.json}``;
+    the package gets the same report (not the timings) under ``training/``. Torch runs with
+    ``cfg.torch_threads`` threads and deterministic kernels, so the same sources give the same
+    bytes. Returns the report dict plus ``seconds`` and ``distill_steps_per_s`` (and ``package``
+    when exported).
 
     Raises:
         RuntimeError: too few fields or slides to train or evaluate.
         ExportError: the export or its parity check failed (see ``model_export``).
     """
+    with _deterministic_torch(cfg.torch_threads):
+        return _run_demo(cfg, progress)
+
+
+@contextlib.contextmanager
+def _deterministic_torch(threads: int) -> Iterator[None]:
+    """Fixed thread count and deterministic kernels while the demo builds; restored after.
+
+    The same sources then give the same weights on every run and in every folder, so the
+    package's bytes (and ``make demo-model-check``) are reproducible.
+    """
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # CPU kernels: none should warn
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
+def _run_demo(cfg: DemoConfig, progress: Progress | None) -> dict[str, Any]:
     lap = _Laps()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -174,7 +201,6 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
             "ema_decay": cfg.ema_decay,
             "bank_views_per_field": cfg.views,
             "bank_size": len(bank),
-            "steps_per_s": round(cfg.steps / train_s, 3),
         },
         "fields": field_notes,
         "loss_curve": loss_curve_summary(hist),
@@ -184,15 +210,22 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
         "train_agreement_after": after_train,
         "modality_tiles": tile_notes,
         "modality_head": loso,
-        "seconds": {**lap.seconds, "total_before_export": lap.total()},
         "torch_threads": torch.get_num_threads(),
-        "config": json.loads(cfg.model_dump_json()),
+        # Where this run wrote is not part of what it built (the package's bytes must not
+        # depend on the folder): the output folders are left out, the slides are named above.
+        "config": json.loads(cfg.model_dump_json(exclude={"out", "package", "slides_dir"})),
     }
+    # Durations go to the run folder only (timings.json): they differ on every run.
     write_report(report, out, title="xmag demo model report")
+    timings: dict[str, Any] = {
+        "seconds": {**lap.seconds, "total_before_export": lap.total()},
+        "distill_steps_per_s": round(cfg.steps / train_s, 3),
+    }
     if cfg.package is not None:
         report["package"] = export_demo(cfg, out, progress)
         lap("export")
-        report["seconds"]["export"] = lap.seconds["export"]
-        report["seconds"]["total"] = lap.total()
+        timings["seconds"]["export"] = lap.seconds["export"]
+        timings["seconds"]["total"] = lap.total()
         (out / "export.json").write_text(json.dumps(report["package"], indent=2) + "\n")
-    return report
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    return {**report, **timings}

@@ -116,6 +116,12 @@ class DemoConfig(BaseModel):
     ema_decay: float = Field(0.98, description="short run: 0.999 would keep the EMA near init")
     mil_epochs: int = Field(40, ge=1)
     seed: int = 0
+    torch_threads: int = Field(
+        2,
+        ge=1,
+        description="torch CPU threads of the build: fixed, since the thread count changes the "
+        "order of float sums and so the weights (the package is rebuilt byte for byte)",
+    )
     tile_overlap_px: int = Field(112, description="5x tiles for the modality head overlap by this")
     tile_options: SlideOptions = Field(
         SlideOptions(tissue_threshold=0.1),

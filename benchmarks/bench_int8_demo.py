@@ -1,0 +1,230 @@
+"""Benchmark (not a test): int8 recipes for the demo student on this CPU, speed and accuracy.
+
+One command: ``.venv/bin/python benchmarks/bench_int8_demo.py [--package models/demo]``.
+
+Variants (all from the package's own files; no torch needed):
+
+    fp32            the shipped model.onnx, as the engine runs it (ORT_ENABLE_ALL)
+    int8            the shipped model.int8.onnx (dynamic: MatMul weights per channel)
+    fp32-fused      model.onnx through onnxruntime.transformers.optimizer (model_type "vit",
+                    opt_level 0): SkipLayerNormalization and BiasGelu fused
+    int8-fused      int8 dynamic of fp32-fused
+    int8-attn       int8 plus the attention matmuls (activation x activation: Q.K^T, A.V)
+                    quantized dynamically (DynamicQuantizeLinear on both inputs, MatMulInteger)
+    int8-static     static QDQ of every MatMul (attention included), per-channel weights,
+                    ranges calibrated on real tiles (percentile), as ``Int8Mode.STATIC``
+
+Speed: ONNX Runtime CPU provider, ``--threads`` intra-op threads (default 2), spinning off (as
+the engine sets it), at batch 1 and the engine's batch (the card's ``runtime.batch.opt``, which
+``apply_card_hints`` makes the CPU batch size). Variants are timed in interleaved rounds
+(A/B/C/.../A/B/C...), medians reported, with wall tiles/s and tiles per CPU-second (process CPU
+time, less sensitive to other processes on a shared machine) and the load average before and
+after. Accuracy: on real tiles read through the core's ``SlideTiles`` (``collect_parity_tiles``,
+the slides the demo is built from), each variant's embedding against the shipped fp32 graph:
+cosine (min, mean) and centred cosine (after subtracting the fp32 mean embedding; min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from model_export.parity import cosine_rows
+from model_export.parity_tiles import collect_parity_tiles
+from model_export.quantize import Int8Mode, quantize_int8
+from xmag.package import load_package
+from xmag.params import SlideOptions
+from xmag.preprocess import Preprocessor
+
+ROOT = Path(__file__).resolve().parents[1]
+SLIDES = ROOT / "tests/data/slides"
+# Calibration: the demo's own parity set; evaluation: more tiles of the same slides, plus the two
+# slides that need an assumed mpp.
+CALIBRATION = [
+    "CMU-1-Small-Region.svs",
+    "OS-2-ndpi.ome.tif",
+    "test3-DAPI-2-387.ndpi",
+    "BPAEC-dicom",
+]
+ASSUMED_MPP = {"tcga-cr-7395-01a-01-ts1.svs": 1.0}
+
+
+def _tiles(pre: Preprocessor, tile_px: int, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) preprocessed tiles, float32 (n, 3, H, W)."""
+    calib = collect_parity_tiles(
+        [SLIDES / n for n in CALIBRATION], tile_px=tile_px, target_mpp=mpp, tiles_per_slide=8
+    )
+    parts = [
+        collect_parity_tiles(
+            [SLIDES / n for n in CALIBRATION], tile_px=tile_px, target_mpp=mpp, tiles_per_slide=32
+        ).pixels
+    ]
+    for name, assumed in ASSUMED_MPP.items():
+        parts.append(
+            collect_parity_tiles(
+                [SLIDES / name],
+                tile_px=tile_px,
+                target_mpp=mpp,
+                tiles_per_slide=32,
+                options=SlideOptions(default_mpp=assumed),
+            ).pixels
+        )
+    return pre(calib.pixels), pre(np.concatenate(parts))
+
+
+def _fuse(src: Path, dst: Path, heads: int, dim: int) -> Path:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimize_model(
+        str(src), model_type="vit", num_heads=heads, hidden_size=dim, opt_level=0
+    ).save_model_to_file(str(dst))
+    return dst
+
+
+def _dynamic(src: Path, dst: Path) -> Path:
+    quantize_dynamic(
+        src,
+        dst,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+    )
+    return dst
+
+
+def _quantize_attention(src: Path, dst: Path) -> Path:
+    """Every MatMul of two activations -> dynamic uint8 x uint8 MatMulInteger, rescaled."""
+    model = onnx.load(str(src))
+    inits = {t.name for t in model.graph.initializer}
+    nodes = []
+    for k, n in enumerate(model.graph.node):
+        if n.op_type != "MatMul" or any(i in inits for i in n.input):
+            nodes.append(n)
+            continue
+        p = f"attn_q{k}"
+        nodes += [
+            helper.make_node("DynamicQuantizeLinear", [n.input[0]], [p + "a", p + "as", p + "az"]),
+            helper.make_node("DynamicQuantizeLinear", [n.input[1]], [p + "b", p + "bs", p + "bz"]),
+            helper.make_node("MatMulInteger", [p + "a", p + "b", p + "az", p + "bz"], [p + "i"]),
+            helper.make_node("Cast", [p + "i"], [p + "f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [p + "as", p + "bs"], [p + "s"]),
+            helper.make_node("Mul", [p + "f", p + "s"], [n.output[0]]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    """Options as ``xmag.runtime`` sets them for the CPU provider."""
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    o.log_severity_level = 3
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def _embed(s: ort.InferenceSession, x: np.ndarray, name: str, out: str) -> np.ndarray:
+    return np.concatenate([s.run([out], {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load avg {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def _speed(
+    sessions: dict[str, ort.InferenceSession],
+    feed: Callable[[int], dict[str, np.ndarray]],
+    out: str,
+    batch: int,
+    seconds: float,
+) -> dict[str, tuple[float, float]]:
+    """Median (wall tiles/s, tiles per CPU-second) per variant, timed in interleaved rounds."""
+    x = feed(batch)
+    for s in sessions.values():
+        s.run([out], x)  # warm-up
+    wall: dict[str, list[float]] = {k: [] for k in sessions}
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
+    t_end = time.perf_counter() + seconds * len(sessions)
+    while time.perf_counter() < t_end or min(len(v) for v in wall.values()) < 3:
+        for k, s in sessions.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            s.run([out], x)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return {k: (batch / float(np.median(wall[k])), batch / float(np.median(cpu[k]))) for k in wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--package", type=Path, default=ROOT / "models/demo")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timing per variant and batch")
+    parser.add_argument("--batches", type=int, nargs="*", default=None)
+    args = parser.parse_args()
+
+    pkg = load_package(args.package)
+    card = pkg.card
+    pre = Preprocessor.from_spec(card.input)
+    calib, x = _tiles(pre, card.input.tile_px, card.input.target_mpp)
+    name, out = card.input.name, card.outputs.embedding.name
+    dim = card.outputs.embedding.dim
+    heads = max(1, dim // 64)
+    batches = args.batches or [1, card.runtime.batch.opt]
+    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, {os.cpu_count()} CPUs")
+    print(f"tiles: {len(calib)} calibration, {len(x)} evaluation (real, {card.input.tile_px} px)")
+    print(f"start: {_load()}")
+    with tempfile.TemporaryDirectory(prefix="xmag-bench-int8-") as tmp:
+        t = Path(tmp)
+        fp32 = pkg.root / card.encoder
+        files = {"fp32": fp32, "int8": pkg.root / "model.int8.onnx"}
+        files["fp32-fused"] = _fuse(fp32, t / "fused.onnx", heads, dim)
+        files["int8-fused"] = _dynamic(files["fp32-fused"], t / "int8-fused.onnx")
+        files["int8-attn"] = _quantize_attention(files["int8"], t / "int8-attn.onnx")
+        files["int8-static"] = quantize_int8(
+            fp32, t / "int8-static.onnx", mode=Int8Mode.STATIC, calibration_tiles=calib
+        )
+        sessions = {k: _session(p, args.threads) for k, p in files.items()}
+        ref = _embed(sessions["fp32"], x, name, out)
+        centre = ref.astype(np.float64).mean(0)
+        print("\naccuracy vs shipped fp32 on the evaluation tiles")
+        for k, s in sessions.items():
+            y = _embed(s, x, name, out)
+            cos, cc = cosine_rows(y, ref), cosine_rows(y - centre, ref - centre)
+            print(
+                f"  {k:12s} cosine min {cos.min():.5f} mean {cos.mean():.5f}   "
+                f"centred min {cc.min():.4f}   ({files[k].stat().st_size / 2**20:.1f} MB)"
+            )
+
+        def feed(b: int) -> dict[str, np.ndarray]:
+            return {name: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))}
+
+        for b in batches:
+            before = _load()
+            rates = _speed(sessions, feed, out, b, args.seconds)
+            w0, c0 = rates["fp32"]
+            wf, cf = rates["fp32-fused"]
+            print(f"\nbatch {b}: {before} -> {_load()}")
+            for k, (w, c) in rates.items():
+                print(
+                    f"  {k:12s} {w:7.1f} tiles/s (x{w / w0:.2f} vs fp32, x{w / wf:.2f} vs "
+                    f"fp32-fused)   {c:7.1f} tiles/cpu-s (x{c / c0:.2f}, x{c / cf:.2f})"
+                )
+
+
+if __name__ == "__main__":
+    main()
