@@ -13,6 +13,14 @@ and the process's peak RSS. Each figure is the best of ``--repeats`` runs after 
 read (so the page cache holds the slide for every timed pass alike).
 
     python benchmarks/bench_engine.py --model models/default [--width 40000 --height 30000]
+
+``--nice 0 10`` instead measures issue 13's figure for each reader niceness
+(``XMAG_READER_NICE``), each slide run right after an encoder-alone pass: in-engine tiles/s =
+kept tiles / (``read_wait`` + ``model``) as the result.json timings give them, over the
+encoder alone (the same session, batch size and tile count, on pre-read tiles), on ``--slide``
+(any slide; e.g. one made by ``python -m tests.synthetic``)::
+
+    python benchmarks/bench_engine.py --model models/demo --slide .bench/x.svs --nice 0 10
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +83,70 @@ def interleaved_best(
     return best
 
 
+def compare_nice(args: argparse.Namespace, path: Path) -> int:
+    """Issue 13's ratio per reader niceness: in-engine tiles/s over the encoder alone."""
+    overrides: dict[str, object] = {"cache_dir": None}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if args.reader_workers:
+        overrides["reader_workers"] = args.reader_workers
+    engine = Engine.from_dir(args.model, EngineSettings(**overrides))  # type: ignore[arg-type]
+    base = engine.settings
+    with open_slide(path) as reader:
+        plan = plan_slide(reader, engine.package.card.tiling_params())
+        kept = plan.grid.kept_indices()
+        pixels = [
+            b.pixels
+            for b in iter_tile_batches(
+                reader, plan.grid, plan.level, indices=kept, batch_size=engine.batch_size,
+                workers=base.reader_workers, max_pending=base.queue_depth,
+            )
+        ]  # fmt: skip
+    batches = [engine.preprocess(p) for p in pixels[:MODEL_POOL_BATCHES]]
+    sizes = [len(p) for p in pixels]
+    del pixels
+    engine.encode(batches[0])  # warm-up
+    print(
+        f"{path.name}: {kept.size} tiles, batch {engine.batch_size}, variant {engine.variant}, "
+        f"intra-op threads {base.intra_op_threads}, reader workers {base.reader_workers}, "
+        f"queue depth {base.queue_depth}"
+    )
+
+    def encoder_alone() -> float:
+        t0 = time.perf_counter()
+        for i, size in enumerate(sizes):
+            engine.encode(batches[i % len(batches)][:size])
+        return kept.size / (time.perf_counter() - t0)
+
+    alone: list[float] = []
+    ratios: dict[int, list[float]] = {n: [] for n in args.nice}
+    for r in range(args.repeats):
+        for nice in args.nice:
+            # Right before each slide: on a shared machine the pair sees about the same load.
+            alone.append(encoder_alone())
+            engine.settings = base.model_copy(update={"reader_nice": nice})
+            with tempfile.TemporaryDirectory() as tmp:
+                result = engine.embed_slide(path, Path(tmp))
+            t = result.timings
+            in_engine = result.tiles.kept / (t["read_wait"] + t["model"])
+            ratios[nice].append(in_engine / alone[-1])
+            # The decode path in effect (LevelChoice.decode: "region" or "jpeg-dct-1/n").
+            decode = getattr(result.level, "decode", None)
+            print(
+                f"round {r} nice {nice:>2}: in-engine {in_engine:6.1f} tiles/s (read_wait "
+                f"{t['read_wait']:.2f} s, model {t['model']:.2f} s), encoder alone "
+                f"{alone[-1]:6.1f} tiles/s: ratio {ratios[nice][-1]:.2f}; whole slide "
+                f"{result.duration_s:.1f} s; decode {decode or 'region'}; load "
+                f"{os.getloadavg()[0]:.2f}"
+            )
+    for nice, values in ratios.items():
+        print(
+            f"nice {nice:>2}: in-engine / encoder alone median {statistics.median(values):.2f} "
+            f"(min {min(values):.2f}, max {max(values):.2f}, {len(values)} rounds)"
+        )
+    return 0
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -88,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--reader-workers", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--slide", type=Path, default=None, help="an existing slide (no generation)")
+    ap.add_argument(
+        "--nice", type=int, nargs="+", default=None, help="compare these XMAG_READER_NICE values"
+    )
     args = ap.parse_args(argv)
 
-    path = cached_slide(args.workdir, args.width, args.height, args.seed)
+    path = args.slide or cached_slide(args.workdir, args.width, args.height, args.seed)
+    if args.nice:
+        return compare_nice(args, path)
     overrides: dict[str, object] = {"cache_dir": None}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size

@@ -117,8 +117,13 @@ def _child(accelerator_ms: float, argv: list[str]) -> None:
     xmag_main()
 
 
+#: ``XMAG_*`` variables every child gets (``--reader-nice``); the caller's own are not passed.
+CHILD_ENV: dict[str, str] = {}
+
+
 def _env(in_flight: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMAG_") and k != "REDIS_URL"}
+    env.update(CHILD_ENV)
     env.update(XMAG_SLIDES_IN_FLIGHT=str(in_flight), PYTHONPATH=str(HERE), **extra)
     return env
 
@@ -305,7 +310,10 @@ def main() -> int:
         "real model on this CPU)",
     )
     ap.add_argument("--json-out", type=Path, help="append every run as a JSON line here")
+    ap.add_argument("--reader-nice", type=int, default=None, help="XMAG_READER_NICE for every run")
     args = ap.parse_args()
+    if args.reader_nice is not None:
+        CHILD_ENV["XMAG_READER_NICE"] = str(args.reader_nice)
     slides = make_batch(args.sources, args.count, args.slides_dir)
     runs: list[Run] = []
     for rep in range(args.repeats):

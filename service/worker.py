@@ -54,6 +54,7 @@ from service.store import JobRecord, JobStore
 from xmag.digest import DigestCache, SlideDigest
 from xmag.errors import SlideNotFoundError
 from xmag.inflight import SlidesInFlightSettings
+from xmag.pipeline import lower_thread_priority
 from xmag.store import ResultStore, StoredResult
 
 __all__ = ["Lease", "SlideJob", "run_worker"]
@@ -128,6 +129,10 @@ class SlideJob:
         digests: by-path slides' digests.
         settings: the lease length.
         worker_id: this worker's lease owner id.
+        nice: niceness a job thread takes, relative to the process, at its first job (slides in
+            flight: the next slide's hash, plan and reads yield the cores to the model, whose
+            calls go back to the engine's priority, ``xmag.inflight.ModelThread``); 0: none.
+            The heartbeat thread, which renews the leases, keeps its priority.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class SlideJob:
         digests: DigestCache,
         settings: ServiceSettings,
         worker_id: str,
+        nice: int = 0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -145,6 +151,7 @@ class SlideJob:
         self.digests = digests
         self.settings = settings
         self.worker_id = worker_id
+        self.nice = nice
 
     def __call__(self, job_id: str) -> StoredResult:
         """The claimed job's result, looked up or computed (blocking, on the worker thread).
@@ -161,6 +168,7 @@ class SlideJob:
         from xmag.params import SlideOptions
         from xmag.store import lookup_or_embed
 
+        lower_thread_priority(self.nice)  # once per job thread; later calls change nothing
         claimed = ClaimedJob.of(CurrentMessage.get_current_message())
         if claimed is None or claimed.record.id != job_id:
             raise ServiceUnavailableError(
@@ -292,9 +300,9 @@ def load_engine(settings: ServiceSettings) -> Any:
 
     The engine settings are ``settings.engine``: the ``XMAG_*`` variables of ``xmag.settings``
     (``XMAG_PROVIDERS``, ``XMAG_INTRA_OP_THREADS``, ``XMAG_BATCH_SIZE``, ``XMAG_READER_WORKERS``,
-    ``XMAG_QUEUE_DEPTH``, ``XMAG_TRT_FP16``, ``XMAG_TRT_CACHE_DIR``, ``XMAG_CUDA_DEVICE_ID``,
-    ``XMAG_VARIANT``), read once with the service's. Results go to the service's result store
-    (``<data dir>/results``), not to the CLI's ``XMAG_CACHE_DIR``.
+    ``XMAG_QUEUE_DEPTH``, ``XMAG_READER_NICE``, ``XMAG_TRT_FP16``, ``XMAG_TRT_CACHE_DIR``,
+    ``XMAG_CUDA_DEVICE_ID``, ``XMAG_VARIANT``), read once with the service's. Results go to the
+    service's result store (``<data dir>/results``), not to the CLI's ``XMAG_CACHE_DIR``.
     """
     from xmag.engine import Engine
 
@@ -332,8 +340,10 @@ def run_worker(
     in_flight = SlidesInFlightSettings().for_provider(getattr(engine, "provider", "cpu"))
     broker = make_broker(settings, redis_url)
     digests = DigestCache(settings.data_dir / "digests")
+    # Slides in flight share the CPU with the model: job threads yield to it (0 for one slide).
+    nice = engine.settings.reader_nice if in_flight > 1 else 0
     slide_job = SlideJob(
-        engine, store, ResultStore(settings.results_store), digests, settings, worker_id
+        engine, store, ResultStore(settings.results_store), digests, settings, worker_id, nice
     )
     actors = declare_actors(broker, settings, slide_job=slide_job)
     state = JobStateMiddleware(

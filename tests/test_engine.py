@@ -194,8 +194,9 @@ def test_cancel_between_batches_raises_job_canceled_and_writes_nothing(
     assert info.value.code == "JOB_CANCELED"
     assert info.value.fields["tiles_done"] == engine.batch_size
     assert not (tmp_path / "result.json").exists()
+    # Engines' model threads (xmag.inflight.ModelThread) live as long as their engine.
     alive = [t.name for t in threading.enumerate() if t.name.startswith("xmag-")]
-    assert alive == []
+    assert [name for name in alive if name != "xmag-model"] == []
 
 
 def test_cancel_during_planning_stops_before_any_tile_is_read(

@@ -31,7 +31,7 @@ from xmag.cascade import Cascade, CascadeOutcome
 from xmag.digest import SlideDigest, slide_digest
 from xmag.errors import JobCanceledError, NoTissueError, XmagUsageError
 from xmag.heads import HeadOutputs, HeadSet
-from xmag.inflight import ModelGate
+from xmag.inflight import ModelGate, ModelThread
 from xmag.outputs._atomic import atomic_write
 from xmag.outputs.slide_files import write_slide_files
 from xmag.package import ModelPackage, load_package
@@ -149,6 +149,8 @@ class Engine:
         #: One slide at a time on the model (``xmag.inflight``): callers in several threads
         #: prepare slides concurrently and take turns here for the tile pipeline.
         self.model_gate = ModelGate()
+        #: Encoder calls from threads running nicer than this one come back to its priority.
+        self.model_thread = ModelThread()
 
     @classmethod
     def from_dir(cls, model_dir: Path, settings: EngineSettings | None = None) -> Engine:
@@ -161,8 +163,10 @@ class Engine:
         card = self.package.card
         out = []
         for i in range(0, batch.shape[0], self.batch_size):
-            res = self.encoder.run(
-                {card.input.name: batch[i : i + self.batch_size]}, [card.outputs.embedding.name]
+            res = self.model_thread.call(
+                self.encoder.run,
+                {card.input.name: batch[i : i + self.batch_size]},
+                [card.outputs.embedding.name],
             )
             out.append(np.asarray(res[card.outputs.embedding.name], dtype=np.float32))
         self.tiles_embedded += batch.shape[0]
@@ -190,6 +194,7 @@ class Engine:
             batch_size=self.batch_size,
             reader_workers=self.settings.reader_workers,
             queue_depth=self.settings.queue_depth,
+            reader_nice=self.settings.reader_nice,
             progress=progress,
             should_cancel=should_cancel,
         )
@@ -203,6 +208,7 @@ class Engine:
             batch_size=self.batch_size,
             reader_workers=self.settings.reader_workers,
             queue_depth=self.settings.queue_depth,
+            reader_nice=self.settings.reader_nice,
         )
 
     def run_heads(self, embeddings: np.ndarray) -> HeadOutputs:

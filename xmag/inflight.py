@@ -32,6 +32,15 @@ The design, the simplest we found that keeps every per-slide guarantee:
   ``queue_depth`` read-ahead batches: 4 x 32 x 3 x 224 x 224 float32 = 77 MB by default) or
   writing results. N = 1 is the old behaviour, run on the caller's thread.
 
+* **Priorities on a shared CPU** (``XMAG_READER_NICE``, 0 turns them off). The threads
+  carrying slides run that many steps nicer than the process (``map_in_flight``'s threads
+  from their start; a service worker's Dramatiq threads when a job starts), so the next
+  slide's open, hash, plan, reads, heads and writes take the cores only when the model leaves
+  them. The model itself never runs nicer: the
+  engine's ``ModelThread``, started at the engine's priority, runs each encoder call made from a
+  nicer thread (ORT's calling thread does part of the work), and calls from a thread at the
+  engine's priority run in place, as before. Heartbeat and lease threads are never lowered.
+
 Callers: ``xmag embed`` over many slides maps its per-slide function with ``map_in_flight``; the
 service worker (``service.worker``) runs N Dramatiq worker threads with a prefetch of N, each
 message claimed by the state middleware before its actor runs (claim, lease renewed by the
@@ -43,21 +52,25 @@ is redelivered and the lease runs out, as for a crash mid-model).
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from xmag.settings import GPU_PROVIDERS, register_settings
+from xmag.pipeline import lower_thread_priority, thread_niceness
+from xmag.settings import GPU_PROVIDERS, EngineSettings, register_settings
 
 __all__ = [
     "DEFAULT_SLIDES_IN_FLIGHT",
     "MAX_SLIDES_IN_FLIGHT",
     "ModelGate",
+    "ModelThread",
     "SlidesInFlightSettings",
     "map_in_flight",
 ]
@@ -156,12 +169,54 @@ class ModelGate:
                 self._cond.notify_all()
 
 
+class ModelThread:
+    """Runs model calls at the priority of the thread that built it (the engine's).
+
+    A thread that lowered its own priority (``xmag.pipeline.lower_thread_priority``: a slide
+    thread preparing the next slide, a service job thread) cannot raise it again without
+    privileges, yet ONNX Runtime does part of each call's work on the calling thread. Such callers
+    hand the call to this thread and wait; callers at this thread's priority or higher run the
+    call in place, so one slide at a time behaves exactly as without it.
+    """
+
+    def __init__(self) -> None:
+        self.niceness = thread_niceness()
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=_serve_calls, args=(self._calls,), name="xmag-model", daemon=True
+        )
+        self._thread.start()  # now: a thread inherits its creator's niceness when it starts
+        # The thread holds the queue, not this object: when the engine goes, the thread ends.
+        weakref.finalize(self, self._calls.put, None)
+
+    def call(self, fn: Callable[..., _R], *args: Any) -> _R:
+        """``fn(*args)``, on this thread when the caller runs nicer than it, else in place."""
+        mine = thread_niceness()
+        if self.niceness is None or mine is None or mine <= self.niceness:
+            return fn(*args)
+        done: Future[_R] = Future()
+        self._calls.put((done, fn, args))
+        return done.result()
+
+
+def _serve_calls(calls: queue.SimpleQueue[Any]) -> None:
+    while (item := calls.get()) is not None:
+        done, fn, args = item
+        if not done.set_running_or_notify_cancel():
+            continue
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's thread
+            done.set_exception(exc)
+
+
 def map_in_flight(
     fn: Callable[[_T], _R],
     items: Sequence[_T],
     slides_in_flight: int,
     *,
     stop: threading.Event | None = None,
+    nice: int | None = None,
 ) -> list[_R]:
     """``[fn(item) for item in items]`` with up to ``slides_in_flight`` calls running at once.
 
@@ -169,10 +224,21 @@ def map_in_flight(
     lets out (or Ctrl-C here) sets ``stop`` (pass ``stop.is_set`` as the slides' cancel check),
     drops the items not started yet and is re-raised once the running calls have returned. With
     ``slides_in_flight`` 1 the calls run one after another on this thread.
+
+    Args:
+        nice: niceness the slide threads add to their own when they start (default: the
+            engine settings' ``reader_nice``, ``XMAG_READER_NICE``); the model's calls go back
+            to the engine's priority (``ModelThread``).
     """
     if slides_in_flight <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(slides_in_flight, thread_name_prefix="xmag-slide") as pool:
+    increment = EngineSettings().reader_nice if nice is None else nice
+    with ThreadPoolExecutor(
+        slides_in_flight,
+        thread_name_prefix="xmag-slide",
+        initializer=lower_thread_priority,
+        initargs=(increment,),
+    ) as pool:
         futures: list[Future[_R]] = [pool.submit(fn, item) for item in items]
         try:
             return [f.result() for f in futures]

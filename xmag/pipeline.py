@@ -11,11 +11,21 @@ grow with the slide). Progress is reported and cancellation checked between batc
 
 ``TileFeed`` is the producer half on its own: the engine starts it before a slide's turn on the
 model (``xmag.inflight``), so the first batches are read while another slide is being encoded.
+
+Priorities, not more threads: on a CPU the encoder's ORT threads and the reader threads share
+the same cores. With ``reader_nice`` > 0 (``XMAG_READER_NICE``, default
+``xmag.settings.DEFAULT_READER_NICE``) the producer thread raises its own niceness
+(``lower_thread_priority``) before it starts the reader pool, whose threads
+inherit it (Linux threads are created with their creator's niceness). When the model and a read
+are both runnable the scheduler gives the model the core; reads fill the gaps (ORT's
+synchronisation points, the Python between batches) and the queue keeps the model fed. The
+caller's thread, which runs the model, is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -30,7 +40,15 @@ from xmag.plan import SlidePlan
 from xmag.readers import SlideReader
 from xmag.tiles import iter_tile_batches
 
-__all__ = ["CancelFn", "PipelineRun", "ProgressFn", "TileFeed", "run_pipeline"]
+__all__ = [
+    "CancelFn",
+    "PipelineRun",
+    "ProgressFn",
+    "TileFeed",
+    "lower_thread_priority",
+    "run_pipeline",
+    "thread_niceness",
+]
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -66,6 +84,50 @@ class _Failure:
 
 
 _DONE = object()
+_MAX_NICE = 19  # Linux's lowest priority
+
+
+def thread_niceness() -> int | None:
+    """The calling thread's niceness (Linux: per thread), or None where it cannot be read."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):  # no getpriority (Windows) or no such thread id
+        return None
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Run the calling thread ``increment`` steps nicer than the process (at most 19).
+
+    On Linux ``setpriority(PRIO_PROCESS, tid)`` sets one thread's niceness, and threads started
+    afterwards by this thread inherit it. The target is relative to the process's (its main
+    thread's) niceness, so calling it again, or from a thread that inherited it, changes nothing.
+    Lowering is one-way for an unprivileged process, so only threads that never run the model
+    call this (a model call from such a thread goes through ``xmag.inflight.ModelThread``).
+
+    Args:
+        increment: niceness to add to the process's; 0 or less does nothing.
+
+    Returns:
+        True when the thread's niceness was raised; False when there was nothing to do or the
+        platform does not allow it (the thread then keeps its priority).
+    """
+    if increment <= 0:
+        return False
+    current = thread_niceness()
+    try:
+        process = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    except (AttributeError, OSError):
+        return False
+    if current is None:
+        return False
+    target = min(_MAX_NICE, process + increment)
+    if target <= current:
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), target)
+    except OSError:  # a sandbox forbidding it: keep the priority, never fail the slide
+        return False
+    return True
 
 
 def run_pipeline(
@@ -78,6 +140,7 @@ def run_pipeline(
     batch_size: int,
     reader_workers: int,
     queue_depth: int,
+    reader_nice: int = 0,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> PipelineRun:
@@ -88,6 +151,7 @@ def run_pipeline(
         encode: model input -> (n, dim) float32 embeddings (runs on the caller's thread).
         batch_size: tiles per batch read and encoded.
         reader_workers: threads decoding tiles; queue_depth: batches in flight between them.
+        reader_nice: niceness added to the producer and reader threads (``TileFeed``).
 
     Raises:
         JobCanceledError: ``should_cancel()`` returned True between two batches.
@@ -100,6 +164,7 @@ def run_pipeline(
         batch_size=batch_size,
         reader_workers=reader_workers,
         queue_depth=queue_depth,
+        reader_nice=reader_nice,
     ) as feed:
         return feed.run(encode, dim, progress=progress, should_cancel=should_cancel)
 
@@ -110,7 +175,8 @@ class TileFeed:
     Starting it reads and preprocesses up to ``queue_depth`` batches (then blocks), so a slide
     waiting for the model (``xmag.inflight``) has its first batches ready when its turn comes.
     ``run`` is the consumer half; ``close`` (or leaving the ``with``) stops the producer and
-    joins it, whether or not ``run`` was called.
+    joins it, whether or not ``run`` was called. The producer and its reader threads run
+    ``reader_nice`` steps nicer than the process (see the module docstring).
     """
 
     def __init__(
@@ -122,6 +188,7 @@ class TileFeed:
         batch_size: int,
         reader_workers: int,
         queue_depth: int,
+        reader_nice: int = 0,
     ) -> None:
         self.reader = reader
         self.indices = plan.grid.kept_indices()
@@ -131,7 +198,7 @@ class TileFeed:
         self._stop = threading.Event()
         self._producer = threading.Thread(
             target=self._produce,
-            args=(plan, preprocess, batch_size, reader_workers, queue_depth),
+            args=(plan, preprocess, batch_size, reader_workers, queue_depth, reader_nice),
             name="xmag-engine-producer",
             daemon=True,
         )
@@ -153,7 +220,10 @@ class TileFeed:
         batch_size: int,
         reader_workers: int,
         queue_depth: int,
+        reader_nice: int,
     ) -> None:
+        # Before the reader pool exists: its threads inherit this thread's niceness.
+        lower_thread_priority(reader_nice)
         t0 = time.perf_counter()
         batches = None
         try:

@@ -353,8 +353,11 @@ class ModelSession:
         opts.inter_op_num_threads = settings.inter_op_threads
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Our threads do the waiting; spinning ORT threads would steal the readers' cores.
+        # Our threads do the waiting; spinning ORT threads would steal the readers' cores (with
+        # ORT_SEQUENTIAL there is no inter-op pool, but a caller's inter_op_threads > 1 must not
+        # bring spinning back).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         available = ort.get_available_providers()
         require_gpu = settings.gpu_required and allow_tensorrt
         planned = choose_providers(settings, available, allow_tensorrt=allow_tensorrt)

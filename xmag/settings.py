@@ -5,6 +5,8 @@
     XMAG_BATCH_SIZE           tiles per model call
     XMAG_READER_WORKERS       threads decoding tiles
     XMAG_QUEUE_DEPTH          batches read ahead of the model (bounds memory)
+    XMAG_READER_NICE          niceness added to the threads that read, decode and plan (Linux;
+                              0: same priority as the model), so the model wins the cores
     XMAG_TRT_FP16, XMAG_TRT_WORKSPACE_MB, XMAG_TRT_BATCH_PROFILE ("min,opt,max")
     XMAG_TRT_CACHE_DIR, XMAG_CUDA_DEVICE_ID, XMAG_VARIANT, XMAG_CACHE_DIR
     XMAG_REQUIRE_GPU          1: the encoder must run on TensorRT or CUDA, else the engine refuses
@@ -46,6 +48,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_GPU_BATCH_PROFILE",
     "DEFAULT_QUEUE_DEPTH",
+    "DEFAULT_READER_NICE",
     "ENV_PREFIX",
     "GPU_PROVIDERS",
     "PROVIDER_NAMES",
@@ -87,6 +90,12 @@ DEFAULT_GPU_BATCH_PROFILE: tuple[int, int, int] = (1, 256, 512)
 GPU_PROVIDERS: frozenset[str] = frozenset({"tensorrt", "cuda"})
 DEFAULT_QUEUE_DEPTH = 4  # batches read ahead of the model
 DEFAULT_READER_WORKERS = 4
+#: Niceness added to reader, decoder and planner threads (Linux), so that when they and the
+#: model are both runnable the model gets the cores. Measured on 2 shared cores: one slide at a
+#: time, 10 and 0 were alike within the noise (benchmarks/bench_engine.py --nice 0 10); with
+#: two slides in flight, the model's seconds per slide grew about 10% with 10 and about 45%
+#: with 0 (benchmarks/bench_inflight.py --reader-nice).
+DEFAULT_READER_NICE = 10
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 quota ("max 100000" = no quota)
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
@@ -218,6 +227,13 @@ class EngineSettings(BaseSettings):
         ge=1,
         le=64,
         description="preprocessed batches waiting for the model",
+    )
+    reader_nice: int = Field(
+        default=DEFAULT_READER_NICE,
+        ge=0,
+        le=19,
+        description="niceness added to the threads that read, decode, preprocess and plan "
+        "(Linux; 0 keeps them at the model's priority)",
     )
     trt_fp16: bool = Field(default=True, description="TensorRT: build fp16 engines")
     trt_workspace_mb: int | None = Field(

@@ -30,7 +30,6 @@ from onnx import numpy_helper
 __all__ = ["FileDifference", "compare_packages", "main", "onnx_differences", "rebuild_demo"]
 
 #: ``make demo-model``'s slide folder, relative to the repository root it runs in.
-DEFAULT_SLIDES_DIR = Path("tests/data/slides")
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def _tensor_difference(a: onnx.TensorProto, b: onnx.TensorProto) -> str:
     return f"values differ in {int((diff > 0).sum())} of {x.size} (max |diff| {diff.max():.3g})"
 
 
-def rebuild_demo(dest: Path, slides_dir: Path = DEFAULT_SLIDES_DIR) -> Path:
+def rebuild_demo(dest: Path, slides_dir: Path) -> Path:
     """Build the demo (``make demo-model`` settings) into ``dest/run`` and ``dest/package``.
 
     Returns:
@@ -150,8 +149,16 @@ def rebuild_demo(dest: Path, slides_dir: Path = DEFAULT_SLIDES_DIR) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m model_export.demo.reproduce``: 0 when identical, 1 on any difference."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--package", type=Path, default=Path("models/demo"))
-    parser.add_argument("--slides-dir", type=Path, default=DEFAULT_SLIDES_DIR)
+    parser.add_argument(
+        "--package", type=Path, required=True, help="the committed package (make: models/demo)"
+    )
+    parser.add_argument(
+        "--slides-dir",
+        type=Path,
+        default=None,
+        help="the demo's slides, a path relative to the working folder as the committed build "
+        "used (make: tests/data/slides); required unless --against",
+    )
     parser.add_argument(
         "--against", type=Path, default=None, help="compare with this folder instead of building"
     )
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.against is not None:
         return _report(args.package, args.against)
+    if args.slides_dir is None:
+        parser.error("--slides-dir is required to rebuild (or give --against FOLDER)")
     tmp = Path(tempfile.mkdtemp(prefix="xmag-demo-check-"))
     print(f"rebuilding the demo into {tmp} (minutes) ...", flush=True)
     rebuilt = rebuild_demo(tmp, args.slides_dir)
