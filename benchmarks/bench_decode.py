@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.synthetic import make_large_slide
+from tests.synthetic import LayoutName, cached_large_slide
 from xmag.level import REGION_DECODE, LevelChoice, choose_decode
 from xmag.params import TilingParams
 from xmag.plan import SlidePlan, plan_slide
@@ -42,14 +42,8 @@ from xmag.readers import open_slide
 from xmag.tiles import iter_tile_batches
 
 
-def cached_slide(workdir: Path, layout: str, width: int, height: int) -> Path:
-    path = workdir / f"synthetic-{layout}-{width}x{height}-seed1.svs"
-    if not path.exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        make_large_slide(path, layout=layout, width=width, height=height, seed=1)  # type: ignore[arg-type]
-        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
-    return path
+def cached_slide(workdir: Path, layout: LayoutName, width: int, height: int) -> Path:
+    return cached_large_slide(workdir, layout=layout, width=width, height=height, seed=1)
 
 
 def read_all(path: Path, plan: SlidePlan, level: LevelChoice, idx: np.ndarray, threads: int):

@@ -33,20 +33,14 @@ import numpy as np
 import openslide
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.synthetic import make_large_slide
+from tests.synthetic import cached_large_slide
 from xmag.readers import SlideReader, open_slide
 
 REGION_PX = 448
 
 
 def cached_slide(workdir: Path, width: int, height: int, seed: int) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"synthetic-40x-{width}x{height}-seed{seed}.svs"
-    if not path.exists():
-        t0 = time.perf_counter()
-        make_large_slide(path, layout="40x", width=width, height=height, seed=seed)
-        print(f"generated {path} in {time.perf_counter() - t0:.1f} s")
-    return path
+    return cached_large_slide(workdir, layout="40x", width=width, height=height, seed=seed)
 
 
 def regions(

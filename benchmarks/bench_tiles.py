@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.embedded_redis import EmbeddedRedis
 from tests.service_helpers import API_KEY, service_env, start_api
-from tests.synthetic import make_large_slide
+from tests.synthetic import cached_large_slide
 from xmag.deepzoom import DEFAULT_TILE_PX, DeepZoomGenerator
 from xmag.readers import open_slide
 
@@ -40,13 +40,9 @@ VIEWPORT_PX = (1400, 900)
 
 
 def cached_slide(workdir: Path, width: int, height: int, seed: int) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"viewer-20x-{width}x{height}-seed{seed}.svs"
-    if not path.exists():
-        t0 = time.perf_counter()
-        make_large_slide(path, layout="20x", width=width, height=height, seed=seed)
-        print(f"generated {path} in {time.perf_counter() - t0:.1f} s")
-    return path
+    return cached_large_slide(
+        workdir, layout="20x", width=width, height=height, seed=seed, prefix="viewer"
+    )
 
 
 def sweep(path: Path) -> list[tuple[int, int, int]]:

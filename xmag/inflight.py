@@ -106,9 +106,11 @@ class SlidesInFlightSettings(BaseSettings):
         """The setting, or its default for an encoder on ``provider`` ("cpu", "cuda"...).
 
         On the CPU the encoder's threads and the next slide's hashing, planning and decoding
-        share the same cores: measured on 2 cores, two slides in flight kept the model busier
-        (0.87 -> 0.95 of the wall time) but each batch slower, for about 10% fewer slides/min
-        (benchmarks/bench_inflight.py). On a GPU the model's work leaves the host's cores.
+        share the same cores: measured on 2 cores (20 slides, benchmarks/bench_inflight.py),
+        two slides in flight with readers at nice 10 kept the model busier (0.84 -> 0.93 of the
+        wall time, CLI) but each slide's model time grew 8-13%, for no more slides/min (12.6 vs
+        12.5); at nice 0 the model time grew 35-53%. On a GPU the model's work leaves the host's
+        cores.
         """
         if self.slides_in_flight is not None:
             return self.slides_in_flight
