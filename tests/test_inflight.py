@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -328,11 +330,23 @@ def test_a_worker_holds_two_claimed_leased_jobs_and_each_one_s_cancel_still_work
     release = threading.Event()
     real_encode = engine.encode
 
+    from xmag.pipeline import thread_niceness
+
+    job_nice: list[int | None] = []
+    model_nice: list[int | None] = []
+    real_run = engine.encoder.run
+
     def held_encode(batch: np.ndarray) -> np.ndarray:
+        job_nice.append(thread_niceness())  # the job thread that hands a batch to the model
         release.wait(30)  # the first slide stays on the model until the test lets it go
         return real_encode(batch)
 
+    def observed_run(*args: Any, **kwargs: Any) -> Any:
+        model_nice.append(thread_niceness())  # the thread the encoder itself runs on
+        return real_run(*args, **kwargs)
+
     engine.encode = held_encode  # type: ignore[method-assign]
+    engine.encoder.run = observed_run  # type: ignore[method-assign]
     monkeypatch.setattr(worker_module, "load_engine", lambda settings: engine)
     settings = ServiceSettings(
         _env_file=None,
@@ -388,6 +402,13 @@ def test_a_worker_holds_two_claimed_leased_jobs_and_each_one_s_cancel_still_work
         assert [r.completions for r in records] == [int(i != waiting) for i in range(3)]
         error = records[waiting].error
         assert error is not None and error.code == "JOB_CANCELED"
+        # Two in flight: the job threads (hash, plan, reads) run nicer than the process, and
+        # the encoder runs back at the process's priority (xmag.inflight.ModelThread).
+        process_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        expected = min(19, process_nice + engine.settings.reader_nice)
+        assert engine.settings.reader_nice > 0
+        assert job_nice and set(job_nice) == {expected}
+        assert model_nice and set(model_nice) == {process_nice}
     finally:
         release.set()
         stop.set()
