@@ -185,7 +185,7 @@ class SlideJob:
                 tasks=unknown,
             )
         lease = Lease(self.store, job_id, self.worker_id, self.settings.lease_ms)
-        return lookup_or_embed(
+        stored = lookup_or_embed(
             self.engine,
             self.results,
             Path(record.slide_path),
@@ -196,6 +196,13 @@ class SlideJob:
             progress=lease.progress,
             should_cancel=lease.should_cancel,
         )
+        if stored.hit:
+            # The job's progress tells the result's tiles (all done), not "0 / 0": a client
+            # (the viewer's job list) shows a hit like any finished job; ``cache_hit`` says
+            # nothing was computed, and the metrics count no tiles for it (middleware).
+            kept = stored.result.tiles.kept
+            lease.progress(kept, kept)
+        return stored
 
     def _digest(self, record: JobRecord) -> SlideDigest:
         """The slide's sha256 and size: the upload's, else from the digest cache.

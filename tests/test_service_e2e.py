@@ -197,6 +197,8 @@ def test_a_slide_computed_before_is_answered_from_the_store_without_reading_it(
     try:
         again = wait_job(http, http.post("/v1/jobs", json={"slide_id": slide_id}).json()["id"])
         assert again["state"] == "succeeded" and again["cache_hit"] is True, again
+        # Its progress names the stored result's tiles, all done, as the computed job's did.
+        assert again["progress"] == first["progress"] and first["progress"]["tiles_total"] > 0
         doc = http.get(again["links"]["result"]).json()
         assert doc["slide"]["sha256"] == slide_id
         assert http.get(first["links"]["result"]).json()["result_key"] == doc["result_key"]

@@ -37,6 +37,12 @@ def _crops(root: Path) -> Path:
     return root
 
 
+def _default_sigint() -> None:  # pragma: no cover - runs in the child before exec
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: the child must see Ctrl-C as a terminal would send it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _distill(config: Path, *flags: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "250", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -46,6 +52,7 @@ def _distill(config: Path, *flags: str) -> subprocess.Popen[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
@@ -70,8 +77,13 @@ def test_sigint_saves_the_checkpoint_exits_130_and_resume_says_where_it_continue
         if line.startswith("step 2 loss"):
             proc.send_signal(signal.SIGINT)
             break
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, "".join(seen) + rest
+    try:
+        _, rest = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, rest = proc.communicate()
+        pytest.fail("distill did not stop within 120 s of SIGINT:\n" + "".join(seen) + rest[-2000:])
+    assert proc.returncode == 130, "".join(seen) + rest
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     step = int(ckpt["step"])
     assert step >= 2
