@@ -308,21 +308,14 @@ def read_hovernet_json(
     contours, codes, centroids, probs = [], [], [], []
     for key in keys:
         cell = nuc[key]
-        try:
-            contour = _open_ring(cell["contour"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CellFileError(
-                f"{name}: nucleus {key} has no usable contour ({exc})", path=name, format="hovernet"
-            ) from exc
+        contour, centroid, prob = _hovernet_nucleus(cell, f"nucleus {key}", name, "hovernet")
         contours.append(contour)
         code = cell.get("type")
         codes.append(
             CELL_TYPES.index(code_map.get(int(code), "unknown")) if code is not None else 0
         )
-        c = cell.get("centroid")
-        centroids.append(np.asarray(c, np.float64).reshape(2) if c is not None else None)
-        prob = cell.get("type_prob")
-        probs.append(float(prob) if prob is not None else math.nan)
+        centroids.append(centroid)
+        probs.append(prob)
     return _build(
         contours,
         codes,
@@ -333,6 +326,27 @@ def read_hovernet_json(
         source="hovernet",
         meta={"file": name, "ids": keys, "type_prob": np.asarray(probs, np.float32)},
     )
+
+
+def _hovernet_nucleus(
+    cell: Mapping[str, Any], label: str, name: str, fmt: str
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Contour, centroid (or None) and type probability (or NaN) of one nucleus record in
+    HoVer-Net's layout, which CellViT's cells JSON keeps.
+
+    Raises:
+        CellFileError: the record has no usable contour.
+    """
+    try:
+        contour = _open_ring(cell["contour"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CellFileError(
+            f"{name}: {label} has no usable contour ({exc})", path=name, format=fmt
+        ) from exc
+    c = cell.get("centroid")
+    centroid = np.asarray(c, np.float64).reshape(2) if c is not None else None
+    prob = cell.get("type_prob")
+    return contour, centroid, float(prob) if prob is not None else math.nan
 
 
 def read_cellvit(
@@ -360,19 +374,13 @@ def read_cellvit(
         code_names = {int(k): str(v) for k, v in raw_map.items()}
         contours, codes, centroids, probs = [], [], [], []
         for i, cell in enumerate(doc["cells"]):
-            try:
-                contours.append(_open_ring(cell["contour"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CellFileError(
-                    f"{name}: cell {i} has no usable contour ({exc})", path=name, format="cellvit"
-                ) from exc
+            contour, centroid, prob = _hovernet_nucleus(cell, f"cell {i}", name, "cellvit")
+            contours.append(contour)
             code = cell.get("type")
             type_name = code_names.get(int(code)) if code is not None else None
             codes.append(cell_type_from_name(type_name, names))
-            c = cell.get("centroid")
-            centroids.append(np.asarray(c, np.float64).reshape(2) if c is not None else None)
-            prob = cell.get("type_prob")
-            probs.append(float(prob) if prob is not None else math.nan)
+            centroids.append(centroid)
+            probs.append(prob)
         return _build(
             contours,
             codes,
