@@ -11,8 +11,8 @@ to the next one; any other error is the slide's and is raised as is.
     fastslide  (40)  Zeiss CZI and Olympus VSI (and, when preferred, what OpenSlide reads)
 
 A reader can be preferred (``open_slide(path, prefer=...)`` or ``XMAG_READER_PREFER``): it is
-tried first, on what it detects or, if it has ``detect_preferred``, on what that accepts; a
-refusal falls back to the order above. Preferring fastslide trades identical pixels for speed
+tried first, on what its ``detect_preferred`` accepts (``detect`` unless widened); a refusal
+falls back to the order above. Preferring fastslide trades identical pixels for speed
 (see ``fastslide_reader``).
 
 Each reader declares its ``formats``; ``supported_formats_sentence()`` lists them for messages,

@@ -1,7 +1,7 @@
 """Which reader opens a slide first: ``open_slide(path, prefer=...)`` or ``XMAG_READER_PREFER``.
 
-The preferred reader is tried before the registry order, on what it detects or, when it defines
-``detect_preferred``, on what that accepts (fastslide: also the formats OpenSlide reads). If it
+The preferred reader is tried before the registry order, on what its ``detect_preferred``
+accepts (``detect`` unless the reader widens it; fastslide: also the formats OpenSlide reads). If it
 refuses the file (``UnsupportedFormatError``) the registry order decides as usual.
 """
 
@@ -57,5 +57,4 @@ def reader_order(prefer: str | None) -> list[tuple[type[SlideReader], DetectFn]]
             f"{', '.join(sorted(by_name))}, or unset XMAG_READER_PREFER.",
             prefer=name,
         )
-    detect: DetectFn = getattr(chosen, "detect_preferred", chosen.detect)
-    return [(chosen, detect), *((cls, d) for cls, d in order if cls is not chosen)]
+    return [(chosen, chosen.detect_preferred), *((cls, d) for cls, d in order if cls is not chosen)]

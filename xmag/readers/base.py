@@ -146,6 +146,12 @@ class SlideReader(ABC):
     def detect(cls, path: Path) -> bool:
         """Cheap check whether this reader can open ``path`` (no full decode)."""
 
+    @classmethod
+    def detect_preferred(cls, path: Path) -> bool:
+        """The check used when this reader is preferred (``open_slide(prefer=...)``): by default
+        ``detect``; a reader that opens more when asked for by name widens it."""
+        return cls.detect(path)
+
     @property
     @abstractmethod
     def vendor(self) -> str | None:
