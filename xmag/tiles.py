@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -72,6 +74,7 @@ __all__ = [
 
 MAX_REGION_PX = 4096  # widest region read at once to cover a run of neighbouring tiles
 _INTEGER_DOWNSAMPLE_TOL = 1e-9
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,19 +125,14 @@ def read_level_region(
     """One ``read_region`` of ``size`` level pixels at level pixel ``level_xy`` of ``level``;
     any failure, or pixels of another shape or type, becomes ``RegionReadError``."""
     level0_xy = _level0_of(level_xy, level)
-    try:
-        pixels = reader.read_region(level0_xy, level.level, size)
-    except (XmagError, XmagUsageError):
-        raise
-    except Exception as exc:  # an adapter failed in a way it did not translate: still typed
-        raise RegionReadError.for_region(
-            reader.path,
-            level.level,
-            level0_xy,
-            size,
-            f"reading level {level.level} region at level-0 {level0_xy} of size {size} failed "
-            f"({type(exc).__name__}: {exc}); the slide may be damaged there.",
-        ) from exc
+    pixels = _typed_read(
+        reader,
+        level,
+        level0_xy,
+        size,
+        f"reading level {level.level} region at level-0 {level0_xy} of size {size}",
+        partial(reader.read_region, level0_xy, level.level, size),
+    )
     expected = (size[1], size[0], 3)
     if pixels.shape != expected or pixels.dtype != np.uint8:
         raise RegionReadError.for_region(
@@ -146,6 +144,30 @@ def read_level_region(
             f"at level-0 {level0_xy}, expected {expected} uint8.",
         )
     return pixels
+
+
+def _typed_read(
+    reader: SlideReader,
+    level: LevelChoice,
+    level0_xy: tuple[int, int],
+    size: tuple[int, int],
+    what: str,
+    read: Callable[[], _T],
+) -> _T:
+    """``read()``, with a failure the adapter did not translate still typed: ``RegionReadError``
+    saying ``what`` failed (our own errors pass through)."""
+    try:
+        return read()
+    except (XmagError, XmagUsageError):
+        raise
+    except Exception as exc:  # an adapter failed in a way it did not translate: still typed
+        raise RegionReadError.for_region(
+            reader.path,
+            level.level,
+            level0_xy,
+            size,
+            f"{what} failed ({type(exc).__name__}: {exc}); the slide may be damaged there.",
+        ) from exc
 
 
 def _to_tile_px(pixels: np.ndarray, tile_px: int) -> np.ndarray:
@@ -212,30 +234,23 @@ def _read_one(
 ) -> np.ndarray:
     """One tile whose read starts at level pixel ``origin``, by ``level.decode``'s path."""
     reduce = decode_reduce(level)
+    xy, size = (int(origin[0]), int(origin[1])), (read_px, read_px)
+    level0_xy = _level0_of(xy, level)
     while reduce >= 1:
-        x, y = int(origin[0]), int(origin[1])
-        if x % reduce == 0 and y % reduce == 0 and read_px % reduce == 0:
-            try:
-                scaled = reader.read_region_reduced(
-                    _level0_of(origin, level), level.level, (read_px, read_px), reduce
-                )
-            except (XmagError, XmagUsageError):
-                raise
-            except Exception as exc:  # an adapter failed in a way it did not translate
-                raise RegionReadError.for_region(
-                    reader.path,
-                    level.level,
-                    _level0_of(origin, level),
-                    (read_px, read_px),
-                    f"decoding level {level.level} at 1/{reduce} failed "
-                    f"({type(exc).__name__}: {exc}); the slide may be damaged there.",
-                ) from exc
+        if xy[0] % reduce == 0 and xy[1] % reduce == 0 and read_px % reduce == 0:
+            scaled = _typed_read(
+                reader,
+                level,
+                level0_xy,
+                size,
+                f"decoding level {level.level} at 1/{reduce}",
+                partial(reader.read_region_reduced, level0_xy, level.level, size, reduce),
+            )
             if scaled is None:
                 break  # the reader cannot: the reference read
             return _to_tile_px(scaled, tile_px)
         reduce //= 2
-    xy = (int(origin[0]), int(origin[1]))
-    region = read_level_region(reader, level, xy, (read_px, read_px))
+    region = read_level_region(reader, level, xy, size)
     return _to_tile_px(region, tile_px)
 
 
