@@ -319,7 +319,10 @@ def _embed_all(
             (arg, path, _out_dir(out, path, used) if path is not None else None)
             for arg, path in slides
         ]
-        return map_in_flight(one, items, slides_in_flight, stop=stop)
+        # The engine's settings decide how much nicer the slide threads run (XMAG_READER_NICE).
+        return map_in_flight(
+            one, items, slides_in_flight, stop=stop, nice=engine.settings.reader_nice
+        )
 
 
 def _embed_stored(
