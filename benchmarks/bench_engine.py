@@ -83,14 +83,19 @@ def interleaved_best(
     return best
 
 
-def compare_nice(args: argparse.Namespace, path: Path) -> int:
-    """Issue 13's ratio per reader niceness: in-engine tiles/s over the encoder alone."""
+def _engine(args: argparse.Namespace) -> Engine:
+    """The engine under test: the package's defaults, with --batch-size / --reader-workers."""
     overrides: dict[str, object] = {"cache_dir": None}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     if args.reader_workers:
         overrides["reader_workers"] = args.reader_workers
-    engine = Engine.from_dir(args.model, EngineSettings(**overrides))  # type: ignore[arg-type]
+    return Engine.from_dir(args.model, EngineSettings(**overrides))  # type: ignore[arg-type]
+
+
+def compare_nice(args: argparse.Namespace, path: Path) -> int:
+    """Issue 13's ratio per reader niceness: in-engine tiles/s over the encoder alone."""
+    engine = _engine(args)
     base = engine.settings
     with open_slide(path) as reader:
         plan = plan_slide(reader, engine.package.card.tiling_params())
@@ -170,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.slide or cached_slide(args.workdir, args.width, args.height, args.seed)
     if args.nice:
         return compare_nice(args, path)
-    overrides: dict[str, object] = {"cache_dir": None}
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    if args.reader_workers:
-        overrides["reader_workers"] = args.reader_workers
-    engine = Engine.from_dir(args.model, EngineSettings(**overrides))  # type: ignore[arg-type]
+    engine = _engine(args)
     s, card = engine.settings, engine.package.card
     print(
         f"model {card.name} {card.version} ({card.architecture.tag}, {card.input.tile_px} px, "
