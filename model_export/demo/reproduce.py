@@ -29,8 +29,6 @@ from onnx import numpy_helper
 
 __all__ = ["FileDifference", "compare_packages", "main", "onnx_differences", "rebuild_demo"]
 
-#: ``make demo-model``'s slide folder, relative to the repository root it runs in.
-
 
 @dataclass(frozen=True)
 class FileDifference:
