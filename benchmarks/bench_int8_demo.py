@@ -2,17 +2,22 @@
 
 One command: ``.venv/bin/python benchmarks/bench_int8_demo.py [--package models/demo]``.
 
-Variants (all from the package's own files; no torch needed):
+Variants:
 
-    fp32            the shipped model.onnx, as the engine runs it (ORT_ENABLE_ALL)
-    int8            the shipped model.int8.onnx (dynamic: MatMul weights per channel)
-    fp32-fused      model.onnx through onnxruntime.transformers.optimizer (model_type "vit",
-                    opt_level 0): SkipLayerNormalization and BiasGelu fused
-    int8-fused      int8 dynamic of fp32-fused
-    int8-attn       int8 plus the attention matmuls (activation x activation: Q.K^T, A.V)
-                    quantized dynamically (DynamicQuantizeLinear on both inputs, MatMulInteger)
-    int8-static     static QDQ of every MatMul (attention included), per-channel weights,
-                    ranges calibrated on real tiles (percentile), as ``Int8Mode.STATIC``
+    fp32            the shipped model.onnx (plain ONNX, what every provider reads), as the engine
+                    runs it (ORT_ENABLE_ALL)
+    int8            the shipped model.int8.onnx: dynamic int8 of the graph exported with ONNX
+                    Runtime's fused attention and GELU (``export_encoder(..., ort_fused=True)``):
+                    QAttention, MatMulInteger, Gelu
+    int8-matmul     the previous recipe: dynamic int8 of the plain graph (MatMulInteger only,
+                    attention left to fp32 MatMul/Softmax nodes)
+    fp32-ort-fused  the int8 variant's fp32 source (fused attention and GELU, not shipped: TensorRT
+                    cannot parse these ops); built from ``--checkpoint`` (needs torch), so int8 is
+                    also compared with an fp32 graph of the same shape
+    fp32-optimizer  model.onnx through onnxruntime.transformers.optimizer (model_type "vit",
+                    opt_level 0): only SkipLayerNormalization and BiasGelu fuse on this graph
+    int8-static     static QDQ of every MatMul, per-channel weights, ranges calibrated on real
+                    tiles (percentile), as ``Int8Mode.STATIC``
 
 Speed: ONNX Runtime CPU provider, ``--threads`` intra-op threads (default 2), spinning off (as
 the engine sets it), at batch 1 and the engine's batch (the card's ``runtime.batch.opt``, which
@@ -34,9 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model_export.parity import cosine_rows
@@ -102,27 +105,15 @@ def _dynamic(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _quantize_attention(src: Path, dst: Path) -> Path:
-    """Every MatMul of two activations -> dynamic uint8 x uint8 MatMulInteger, rescaled."""
-    model = onnx.load(str(src))
-    inits = {t.name for t in model.graph.initializer}
-    nodes = []
-    for k, n in enumerate(model.graph.node):
-        if n.op_type != "MatMul" or any(i in inits for i in n.input):
-            nodes.append(n)
-            continue
-        p = f"attn_q{k}"
-        nodes += [
-            helper.make_node("DynamicQuantizeLinear", [n.input[0]], [p + "a", p + "as", p + "az"]),
-            helper.make_node("DynamicQuantizeLinear", [n.input[1]], [p + "b", p + "bs", p + "bz"]),
-            helper.make_node("MatMulInteger", [p + "a", p + "b", p + "az", p + "bz"], [p + "i"]),
-            helper.make_node("Cast", [p + "i"], [p + "f"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [p + "as", p + "bs"], [p + "s"]),
-            helper.make_node("Mul", [p + "f", p + "s"], [n.output[0]]),
-        ]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    onnx.save(model, str(dst))
+def _ort_fused(checkpoint: Path, dst: Path, tile_px: int) -> Path | None:
+    """The demo student exported with ORT's fused ops (the int8 source), or None without torch."""
+    try:
+        from model_export.onnx_export import export_encoder
+        from training.models import load_checkpoint, student_from_checkpoint
+    except ImportError:  # the service-only install: no torch
+        return None
+    model = student_from_checkpoint(load_checkpoint(checkpoint), ema=True)
+    export_encoder(model, dst, img_px=tile_px, ort_fused=True)
     return dst
 
 
@@ -175,6 +166,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0, help="timing per variant and batch")
     parser.add_argument("--batches", type=int, nargs="*", default=None)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=ROOT / "runs/demo/checkpoint.pt",
+        help="the demo's checkpoint (``make demo-model`` writes it), for fp32-ort-fused",
+    )
     args = parser.parse_args()
 
     pkg = load_package(args.package)
@@ -192,12 +189,17 @@ def main() -> None:
         t = Path(tmp)
         fp32 = pkg.root / card.encoder
         files = {"fp32": fp32, "int8": pkg.root / "model.int8.onnx"}
-        files["fp32-fused"] = _fuse(fp32, t / "fused.onnx", heads, dim)
-        files["int8-fused"] = _dynamic(files["fp32-fused"], t / "int8-fused.onnx")
-        files["int8-attn"] = _quantize_attention(files["int8"], t / "int8-attn.onnx")
+        files["int8-matmul"] = _dynamic(fp32, t / "int8-matmul.onnx")
+        if args.checkpoint.exists():
+            fused = _ort_fused(args.checkpoint, t / "ort-fused.onnx", card.input.tile_px)
+            if fused is not None:
+                files["fp32-ort-fused"] = fused
+        files["fp32-optimizer"] = _fuse(fp32, t / "fused.onnx", heads, dim)
         files["int8-static"] = quantize_int8(
             fp32, t / "int8-static.onnx", mode=Int8Mode.STATIC, calibration_tiles=calib
         )
+        if "fp32-ort-fused" not in files:
+            print(f"fp32-ort-fused skipped: no {args.checkpoint} or no torch")
         sessions = {k: _session(p, args.threads) for k, p in files.items()}
         ref = _embed(sessions["fp32"], x, name, out)
         centre = ref.astype(np.float64).mean(0)
@@ -206,7 +208,7 @@ def main() -> None:
             y = _embed(s, x, name, out)
             cos, cc = cosine_rows(y, ref), cosine_rows(y - centre, ref - centre)
             print(
-                f"  {k:12s} cosine min {cos.min():.5f} mean {cos.mean():.5f}   "
+                f"  {k:15s} cosine min {cos.min():.5f} mean {cos.mean():.5f}   "
                 f"centred min {cc.min():.4f}   ({files[k].stat().st_size / 2**20:.1f} MB)"
             )
 
@@ -217,12 +219,12 @@ def main() -> None:
             before = _load()
             rates = _speed(sessions, feed, out, b, args.seconds)
             w0, c0 = rates["fp32"]
-            wf, cf = rates["fp32-fused"]
+            wf, cf = rates.get("fp32-ort-fused", rates["fp32"])
             print(f"\nbatch {b}: {before} -> {_load()}")
             for k, (w, c) in rates.items():
                 print(
-                    f"  {k:12s} {w:7.1f} tiles/s (x{w / w0:.2f} vs fp32, x{w / wf:.2f} vs "
-                    f"fp32-fused)   {c:7.1f} tiles/cpu-s (x{c / c0:.2f}, x{c / cf:.2f})"
+                    f"  {k:15s} {w:7.1f} tiles/s (x{w / w0:.2f} vs fp32, x{w / wf:.2f} vs "
+                    f"fp32-ort-fused)   {c:7.1f} tiles/cpu-s (x{c / c0:.2f}, x{c / cf:.2f})"
                 )
 
 

@@ -403,12 +403,27 @@ def _export_graphs(
         log("fp16 variant written")
     if "int8" in variants:
         t0 = time.perf_counter()
+        source_graph = stage / VARIANT_FILES["fp32"]
+        if int8_mode is Int8Mode.DYNAMIC:
+            # The CPU-only int8 file starts from ORT's fused attention and GELU (QAttention,
+            # BiasGelu); static QDQ keeps the plain graph its calibration was measured on.
+            source_graph = stage / "int8-source.onnx"
+            export_encoder(
+                source.model,
+                source_graph,
+                img_px=source.tile_px,
+                with_patch_tokens=with_patch_tokens,
+                opset=opset,
+                ort_fused=True,
+            )
         quantize_int8(
-            stage / VARIANT_FILES["fp32"],
+            source_graph,
             stage / VARIANT_FILES["int8"],
             mode=int8_mode,
             calibration_tiles=calibration,
         )
+        if source_graph.name != VARIANT_FILES["fp32"]:
+            source_graph.unlink()
         timings["export_int8"] = time.perf_counter() - t0
         log(f"int8 variant written ({int8_mode.value})")
     return {"embed_dim": graph.embed_dim}

@@ -13,6 +13,16 @@ Graphs (names are part of the package card):
              -> embedding float32 [batch, D] (final-normed CLS)
              (-> patch_tokens float32 [batch, H/p * W/p, D], optional)
     MIL head: bag float32 [n_tiles, D] -> probabilities float32 [C], attention float32 [n_tiles]
+
+ONNX Runtime's fused operators (``export_encoder(..., ort_fused=True)``): each timm attention
+block is written as one ``com.microsoft::Attention`` node (QKV projection, scaled dot product,
+softmax and head merge) and each exact GELU as ``com.microsoft::Gelu``. That graph is the source
+of the CPU int8 variant: ``quantize_dynamic`` turns the Attention nodes into ``QAttention`` (int8
+QKV projection inside ORT's own attention kernel), and the fused GELU lets ORT fold the MLP's
+bias into ``BiasGelu``. Standard ONNX has neither op, and TensorRT parses neither, so the fp32
+``model.onnx`` every provider reads stays a plain graph; only the CPU-only int8 file uses them.
+Measured on the demo student (2 cores, batch 32, ``benchmarks/bench_int8_demo.py``): see the
+module ``model_export.quantize``.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +47,7 @@ __all__ = [
     "HEAD_INPUT",
     "HEAD_OUTPUTS",
     "MAX_EXPORT_BATCH",
+    "ORT_FUSED_DOMAIN",
     "PATCH_OUTPUT",
     "EncoderForExport",
     "EncoderGraph",
@@ -55,6 +67,7 @@ HEAD_INPUT = "bag"
 HEAD_OUTPUTS = ("probabilities", "attention")
 MAX_EXPORT_BATCH = 4096  # upper bound of the symbolic batch dimension (TensorRT profiles narrow it)
 _TRACE_BATCH = 2  # a batch of 1 would let the tracer specialise the batch axis to a constant
+ORT_FUSED_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (``ort_fused=True``)
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,7 @@ def export_encoder(
     img_px: int,
     with_patch_tokens: bool = True,
     opset: int = DEFAULT_OPSET,
+    ort_fused: bool = False,
 ) -> EncoderGraph:
     """Export a timm ViT (eval mode, fp32) to ``out_path`` with a dynamic batch axis.
 
@@ -138,10 +152,20 @@ def export_encoder(
         img_px: tile side the model reads (224 for the XMAG student at 2.0 um/px).
         with_patch_tokens: also output the patch tokens (second output).
         opset: ONNX default-domain opset (17 or 18 for TensorRT/CUDA).
+        ort_fused: write attention blocks and exact GELUs as ONNX Runtime's fused
+            ``com.microsoft`` operators (CPU and CUDA providers only; see the module docstring).
+            Blocks of another shape stay plain; ``model`` itself is left unchanged.
 
     Raises:
         ExportError: the exporter failed or the graph does not pass ``onnx.checker``.
     """
+    with _ort_fused_ops(model, enabled=ort_fused):
+        return _export_encoder(model, out_path, img_px, with_patch_tokens, opset)
+
+
+def _export_encoder(
+    model: nn.Module, out_path: Path, img_px: int, with_patch_tokens: bool, opset: int
+) -> EncoderGraph:
     wrapper = EncoderForExport(model.eval(), with_patch_tokens=with_patch_tokens).eval()
     example = torch.zeros(_TRACE_BATCH, 3, img_px, img_px)
     with torch.no_grad():
@@ -163,6 +187,99 @@ def export_encoder(
     strip_build_metadata(out_path)
     check_onnx(out_path)
     return EncoderGraph(out_path, img_px, int(cls.shape[-1]), n_patch, opset)
+
+
+class _OrtAttention(nn.Module):
+    """A timm ``Attention`` that exports as ``com.microsoft::Attention`` plus its output Linear.
+
+    Outside an ONNX export it runs the original module, so tracing sees the same numbers.
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+        qkv, proj = attn.qkv, attn.proj
+        assert isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)  # _fusable_attention
+        self.proj = proj
+        self.attrs: dict[str, int | float] = {
+            "num_heads": int(attn.num_heads),  # type: ignore[arg-type]
+            "scale": float(attn.scale),  # type: ignore[arg-type]
+        }
+        # ORT's layout: weights [hidden, 3 * hidden] (Q, K, V columns, heads contiguous in
+        # each), as x @ W; a Linear stores W transposed.
+        self.register_buffer("weight", qkv.weight.detach().t().contiguous(), persistent=False)
+        bias = qkv.bias if qkv.bias is not None else torch.zeros(qkv.out_features)
+        self.register_buffer("bias", bias.detach().clone(), persistent=False)
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        masked = bool(args) or kwargs.get("attn_mask") is not None or bool(kwargs.get("is_causal"))
+        if masked or not torch.onnx.is_in_onnx_export():  # a mask: ORT's op has no such input
+            out: Tensor = self.attn(x, *args, **kwargs)
+            return out
+        y = torch.onnx.ops.symbolic(
+            f"{ORT_FUSED_DOMAIN}::Attention",
+            (x, self.weight, self.bias),
+            dict(self.attrs),
+            dtype=x.dtype,
+            shape=x.shape,
+            version=1,
+        )
+        out = self.proj(y)
+        return out
+
+
+class _OrtGelu(nn.Module):
+    """Exact GELU exported as ``com.microsoft::Gelu`` (opset 18 has no Gelu of its own)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return nn.functional.gelu(x)
+        return torch.onnx.ops.symbolic(
+            f"{ORT_FUSED_DOMAIN}::Gelu", (x,), {}, dtype=x.dtype, shape=x.shape, version=1
+        )
+
+
+def _fusable_attention(module: nn.Module) -> bool:
+    """A timm-style self-attention ORT's Attention op computes exactly: one QKV Linear whose
+    output is 3 x its input, no q/k norms, no norm or gate before the projection."""
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+        return False
+    heads, scale = getattr(module, "num_heads", None), getattr(module, "scale", None)
+    if not isinstance(heads, int) or not isinstance(scale, float):
+        return False
+    if qkv.out_features != 3 * qkv.in_features or qkv.in_features % heads:
+        return False
+    plain = all(
+        isinstance(getattr(module, name, nn.Identity()), nn.Identity)
+        for name in ("q_norm", "k_norm", "norm")
+    )
+    return plain and getattr(module, "gate", None) is None
+
+
+@contextlib.contextmanager
+def _ort_fused_ops(model: nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Swap fusable attention blocks and exact GELUs for their ORT-op exporters, then restore."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    if enabled:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if _fusable_attention(child):
+                    replacement: nn.Module = _OrtAttention(child)
+                elif isinstance(child, nn.GELU) and child.approximate == "none":
+                    replacement = _OrtGelu()
+                else:
+                    continue
+                setattr(parent, name, replacement)
+                swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
 
 
 def export_mil_head(

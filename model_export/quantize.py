@@ -7,9 +7,13 @@
   installed here), whose inserted casts are then put back in topological order so ``onnx.checker``
   accepts the graph.
 - int8 dynamic (default for ViTs): weights of every MatMul quantized per output channel ahead of
-  time, activations quantized per batch at run time (MatMulInteger). Attention's softmax and
-  LayerNorm keep fp32, which is why it holds accuracy on ViTs where static quantization's fixed
-  activation ranges do not.
+  time, activations quantized per batch at run time (MatMulInteger); on a graph exported with
+  ONNX Runtime's fused attention (``export_encoder(..., ort_fused=True)``, what
+  ``model_export.export`` feeds it) each attention block becomes one ``QAttention`` (int8 QKV
+  projection inside ORT's attention kernel). Softmax and LayerNorm keep fp32, which is why it
+  holds accuracy on ViTs where static quantization's fixed activation ranges do not. Demo
+  student, 2 cores, batch 32 (``benchmarks/bench_int8_demo.py``): see issue 13's note; the fused
+  graph is what lets int8 pay on a student this small, where MatMulInteger alone gained 1.3x.
 - int8 static (optional): QDQ with activation ranges calibrated on real tiles read from slides.
 """
 
@@ -46,9 +50,11 @@ __all__ = [
     "topological_sort",
 ]
 
-# Ops whose weights int8 quantizes: the ViT's linear layers (qkv, proj, fc1, fc2). The patch
-# embedding Conv stays fp32: it is ~1% of the compute and its input is raw pixels.
+# Ops whose weights int8 quantizes: the ViT's linear layers (qkv, proj, fc1, fc2), and ORT's fused
+# Attention where the graph has it (dynamic only: QAttention). The patch embedding Conv stays
+# fp32: it is ~1% of the compute and its input is raw pixels.
 _INT8_OPS = ["MatMul", "Gemm"]
+_INT8_DYNAMIC_OPS = [*_INT8_OPS, "Attention"]
 # ORT's histogram calibrator stacks each tensor's outputs across calls and fails on a ragged
 # last batch, so calibration feeds one tile per call.
 _CALIBRATION_BATCH = 1
@@ -106,7 +112,7 @@ def _quantize(src: Path, dst: Path, mode: Int8Mode, calibration_tiles: np.ndarra
         quantize_dynamic(
             src,
             dst,
-            op_types_to_quantize=_INT8_OPS,
+            op_types_to_quantize=_INT8_DYNAMIC_OPS,
             per_channel=True,
             weight_type=QuantType.QInt8,
         )

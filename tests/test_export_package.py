@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import onnx
 import pytest
 
 from tests.torch_required import require_torch
@@ -384,3 +385,53 @@ def test_static_int8_without_calibration_tiles_is_refused(
     with pytest.raises(ExportError) as info:
         quantize_int8(exported.package.encoder_path, tmp_path / "x.onnx", mode=Int8Mode.STATIC)
     assert info.value.reason == "calibration"
+
+
+def _op_domains(path: Path) -> dict[str, set[str]]:
+    domains: dict[str, set[str]] = {}
+    for node in onnx.load(str(path)).graph.node:
+        domains.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
+    return domains
+
+
+def test_int8_runs_ort_fused_attention_while_the_fp32_graph_stays_standard_onnx(
+    exported: ExportResult,
+) -> None:
+    root = exported.package.root
+    # model.onnx is what TensorRT parses: only default-domain operators.
+    assert set(_op_domains(root / "model.onnx")) == {"ai.onnx"}
+    assert set(_op_domains(root / "model.fp16.onnx")) == {"ai.onnx"}
+    int8 = _op_domains(root / "model.int8.onnx")
+    # Every block's attention is one QAttention (int8 QKV inside ORT's kernel), GELU fused.
+    assert {"QAttention", "Gelu"} <= int8["com.microsoft"]
+    assert "Softmax" not in int8["ai.onnx"] and "Erf" not in int8["ai.onnx"]
+
+
+def test_ort_fused_export_computes_the_plain_graph_and_leaves_the_model_as_it_was(
+    tmp_path: Path,
+) -> None:
+    from model_export.onnx_export import export_encoder
+
+    model = _student(3)
+    with torch.no_grad():  # peaked attention, so a wrong scale or Q/K/V layout shows
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(6.0)
+    # One block whose attention ORT's op cannot compute (a q/k norm): it must stay plain.
+    qk_norm = torch.nn.LayerNorm(64)
+    model.blocks[1].attn.q_norm = qk_norm
+    before = [type(m) for m in model.modules()]
+    plain = export_encoder(model, tmp_path / "plain.onnx", img_px=224)
+    fused = export_encoder(model, tmp_path / "fused.onnx", img_px=224, ort_fused=True)
+    assert [type(m) for m in model.modules()] == before  # swapped modules put back
+    assert model.blocks[1].attn.q_norm is qk_norm
+    ops = _op_domains(fused.path)
+    n_attention = sum(n.op_type == "Attention" for n in onnx.load(str(fused.path)).graph.node)
+    assert n_attention == len(model.blocks) - 1 and "Softmax" in ops["ai.onnx"]
+    assert "Gelu" in ops["com.microsoft"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    outputs = {
+        name: make_session(graph.path).run(None, {"pixels": x})
+        for name, graph in (("plain", plain), ("fused", fused))
+    }
+    for got, ref in zip(outputs["fused"], outputs["plain"], strict=True):
+        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
