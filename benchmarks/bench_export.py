@@ -2,7 +2,8 @@
 
 For the demo-sized student (ViT-S/14 layout, 192-d, 4 blocks) and for a ViT-B/14 (the XMAG
 student's shape, random weights: speed does not depend on them), each exported with
-``model_export`` exactly as a package would be (fp32 graph, then dynamic int8), prints:
+``model_export`` exactly as a package would be (the fp32 graph; the dynamic int8 graph from
+``export_int8_encoder``: ORT's fused attention as QAttention), prints:
 
     tiles/s on this CPU for fp32 and int8 (ONNX Runtime CPU provider, explicit threads; the two
     are timed in alternation, batch by batch, and the medians reported)
@@ -30,10 +31,10 @@ import onnxruntime as ort
 import timm
 import torch
 
+from model_export.export import export_int8_encoder
 from model_export.onnx_export import ENCODER_INPUT, ENCODER_OUTPUT, export_encoder
 from model_export.parity import cosine_rows, make_session, torch_embeddings
 from model_export.parity_tiles import collect_parity_tiles
-from model_export.quantize import Int8Mode, quantize_int8
 from xmag.preprocess import Preprocessor
 from xmag.settings import available_cpus
 
@@ -107,7 +108,7 @@ def main() -> None:
         model = _model(arch, kwargs)
         with tempfile.TemporaryDirectory(prefix="xmag-bench-export-") as tmp:
             fp32 = export_encoder(model, Path(tmp) / "model.onnx", img_px=224).path
-            int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", mode=Int8Mode.DYNAMIC)
+            int8 = export_int8_encoder(model, Path(tmp) / "model.int8.onnx", img_px=224)
             want, _ = torch_embeddings(model, x, with_patch_tokens=False)
             got = make_session(int8, threads=args.threads).run([ENCODER_OUTPUT], {ENCODER_INPUT: x})
             cos = cosine_rows(got[0], want)

@@ -50,6 +50,7 @@ __all__ = [
     "ExportResult",
     "ExportSource",
     "SlideHead",
+    "export_int8_encoder",
     "export_package",
     "from_training",
     "from_xmag_release",
@@ -403,30 +404,60 @@ def _export_graphs(
         log("fp16 variant written")
     if "int8" in variants:
         t0 = time.perf_counter()
-        source_graph = stage / VARIANT_FILES["fp32"]
-        if int8_mode is Int8Mode.DYNAMIC:
-            # The CPU-only int8 file starts from ORT's fused attention and GELU (QAttention,
-            # BiasGelu); static QDQ keeps the plain graph its calibration was measured on.
-            source_graph = stage / "int8-source.onnx"
-            export_encoder(
-                source.model,
-                source_graph,
-                img_px=source.tile_px,
-                with_patch_tokens=with_patch_tokens,
-                opset=opset,
-                ort_fused=True,
-            )
-        quantize_int8(
-            source_graph,
+        export_int8_encoder(
+            source.model,
             stage / VARIANT_FILES["int8"],
+            img_px=source.tile_px,
+            with_patch_tokens=with_patch_tokens,
+            opset=opset,
             mode=int8_mode,
             calibration_tiles=calibration,
+            fp32_graph=stage / VARIANT_FILES["fp32"],
         )
-        if source_graph.name != VARIANT_FILES["fp32"]:
-            source_graph.unlink()
         timings["export_int8"] = time.perf_counter() - t0
         log(f"int8 variant written ({int8_mode.value})")
     return {"embed_dim": graph.embed_dim}
+
+
+def export_int8_encoder(
+    model: nn.Module,
+    dst: Path,
+    *,
+    img_px: int,
+    with_patch_tokens: bool = True,
+    opset: int = DEFAULT_OPSET,
+    mode: Int8Mode = Int8Mode.DYNAMIC,
+    calibration_tiles: np.ndarray | None = None,
+    fp32_graph: Path | None = None,
+) -> Path:
+    """The CPU int8 encoder of ``model``, as every package's ``model.int8.onnx`` is made.
+
+    Dynamic mode quantizes a graph exported with ONNX Runtime's fused attention and GELU
+    (``export_encoder(..., ort_fused=True)``: QAttention, fused GELU), written beside ``dst``
+    and removed; static QDQ quantizes the plain fp32 graph (``fp32_graph`` when given, else one
+    exported here), the graph its calibration ranges are measured on.
+
+    Raises:
+        ExportError: an export or quantization step failed.
+    """
+    fused = mode is Int8Mode.DYNAMIC
+    source_graph = fp32_graph if (fp32_graph is not None and not fused) else None
+    made = source_graph is None
+    if source_graph is None:
+        source_graph = dst.with_name(f"{dst.stem}.source.onnx")
+        export_encoder(
+            model,
+            source_graph,
+            img_px=img_px,
+            with_patch_tokens=with_patch_tokens,
+            opset=opset,
+            ort_fused=fused,
+        )
+    try:
+        return quantize_int8(source_graph, dst, mode=mode, calibration_tiles=calibration_tiles)
+    finally:
+        if made:
+            source_graph.unlink(missing_ok=True)
 
 
 def _copy_extra_files(stage: Path, files: Mapping[str, Path]) -> list[str]:
