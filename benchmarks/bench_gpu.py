@@ -10,7 +10,8 @@ onnx helpers, no torch), packaged with a card like an export's, it prints:
                 ``ModelSession``: the engine serving builds, TensorRT cache and profile included),
                 fed what serving feeds it (uint8 tiles on GPUs), with a parity gate: the min
                 cosine of its embeddings of real tiles to CPU fp32 (fp32 >= 0.9999, fp16 >= 0.999)
-    read        tiles/s of the core's parallel reads (``iter_tile_batches``) with N threads
+    read        tiles/s of the core's parallel reads (``iter_tile_batches``) with N threads, and
+                the decode path used (``region`` or ``jpeg-dct-1/n``, as result.json records it)
     end to end  slides/min of ``Engine.embed_slide`` on generated 40x and 20x slides
                 (``tests.synthetic.make_large_slide``, cached in .bench/gpu), with where the
                 time goes (the result's stage timings) and the peak GPU memory (nvidia-smi)
@@ -352,8 +353,10 @@ def read_rows(slide: Path, threads: list[int], batch: int) -> list[Row]:
     figures = []
     with open_slide(slide) as reader:
         plan = plan_slide(reader, _tiling())
-        indices = plan.grid.kept_indices()
-        for n in threads:
+    indices = plan.grid.kept_indices()
+    for n in threads:
+        # A fresh reader per pass: the decoded-JPEG-tile cache must not carry over.
+        with open_slide(slide) as reader:
             t0, count = time.perf_counter(), 0
             batches = iter_tile_batches(
                 reader,
@@ -367,7 +370,9 @@ def read_rows(slide: Path, threads: list[int], batch: int) -> list[Row]:
             for b in batches:
                 count += b.pixels.shape[0]
             figures.append(f"{n} thr {_rate(count / (time.perf_counter() - t0))}")
-    return [Row("read", f"{slide.name} ({len(indices)} tiles)", "  ".join(figures) + " tiles/s")]
+    # The decode path the plan chose (``LevelChoice.decode``: "region" or "jpeg-dct-1/n").
+    what = f"{slide.name} ({len(indices)} tiles, {plan.level.decode})"
+    return [Row("read", what, "  ".join(figures) + " tiles/s")]
 
 
 def end_to_end_rows(
