@@ -6,7 +6,7 @@
 GPU; the blocking engine runs on worker threads, not on an event loop).
 
 Slides in flight (``xmag.inflight``): the worker runs ``XMAG_SLIDES_IN_FLIGHT`` worker threads
-(default 2 with a GPU encoder, 1 on the CPU) with a prefetch of as many messages, never more, so it
+(default 2) with a prefetch of as many messages, never more, so it
 holds no message it could not start at once. Each thread runs one job through the unchanged state
 machine: the state middleware claims it (attempts, lease, compare-and-set) before the actor runs,
 and finishes it exactly once after. Inside the actor, hashing, the store look-up, opening and
@@ -344,7 +344,7 @@ def run_worker(
         raise
     loading.stop_event.set()
     loading.join()
-    in_flight = SlidesInFlightSettings().for_provider(getattr(engine, "provider", "cpu"))
+    in_flight = SlidesInFlightSettings().slides_in_flight
     broker = make_broker(settings, redis_url)
     digests = DigestCache(settings.data_dir / "digests")
     # Slides in flight share the CPU with the model: job threads yield to it (0 for one slide).

@@ -19,7 +19,12 @@ from typer.testing import CliRunner
 from xmag.cli import build_app
 from xmag.engine import Engine, PreparedSlide
 from xmag.errors import JobCanceledError
-from xmag.inflight import ModelGate, SlidesInFlightSettings, map_in_flight
+from xmag.inflight import (
+    DEFAULT_SLIDES_IN_FLIGHT,
+    ModelGate,
+    SlidesInFlightSettings,
+    map_in_flight,
+)
 from xmag.outputs import read_features
 from xmag.settings import EngineSettings, check_environment
 
@@ -161,14 +166,13 @@ def test_an_error_escaping_a_slide_sets_stop_and_skips_the_slides_not_started() 
     assert len(started) < 10
 
 
-def test_slides_in_flight_is_a_known_bounded_setting_defaulting_by_provider(
+def test_slides_in_flight_is_a_known_bounded_setting_defaulting_to_two(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("XMAG_SLIDES_IN_FLIGHT", raising=False)
-    unset = SlidesInFlightSettings()
-    assert [unset.for_provider(p) for p in ("cpu", "cuda", "tensorrt")] == [1, 2, 2]
+    assert SlidesInFlightSettings().slides_in_flight == DEFAULT_SLIDES_IN_FLIGHT == 2
     monkeypatch.setenv("XMAG_SLIDES_IN_FLIGHT", "3")
-    assert SlidesInFlightSettings().for_provider("cpu") == 3
+    assert SlidesInFlightSettings().slides_in_flight == 3
     assert check_environment({"XMAG_SLIDES_IN_FLIGHT": "3", "XMAG_STRICT_SETTINGS": "1"}) == []
     monkeypatch.setenv("XMAG_SLIDES_IN_FLIGHT", "0")
     with pytest.raises(ValueError, match="slides_in_flight"):

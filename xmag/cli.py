@@ -8,8 +8,8 @@
 (``embed.schema.json``, ``inspect.schema.json``, with ``result.schema.json`` for each result);
 progress, warnings and errors go to stderr. Exit codes: 0 every slide succeeded, 1 at least one
 slide failed (each with its typed error), 2 bad usage or a model package that does not load.
-``embed`` keeps ``XMAG_SLIDES_IN_FLIGHT`` slides in flight (``xmag.inflight``; default 2 with a GPU
-encoder, 1 on the CPU): the next slides are opened, hashed and planned while the model runs the
+``embed`` keeps ``XMAG_SLIDES_IN_FLIGHT`` slides in flight (``xmag.inflight``; default 2): the
+next slides are opened, hashed and planned while the model runs the
 current one.
 
 Other packages add commands through the ``xmag.commands`` entry point group: each entry point is
@@ -242,7 +242,7 @@ def embed(
         options,
         err,
         json_out,
-        slides_in_flight=SlidesInFlightSettings().for_provider(engine.provider),
+        slides_in_flight=SlidesInFlightSettings().slides_in_flight,
     )
     if json_out:
         report = EmbedReport(model=f"{card.name}@{card.version}", outcomes=outcomes)

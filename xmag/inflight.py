@@ -14,8 +14,8 @@ they run for the next slides while the model works on the current one::
 The design, the simplest we found that keeps every per-slide guarantee:
 
 * **N threads, each carrying one slide from start to finish**, N = ``XMAG_SLIDES_IN_FLIGHT``
-  (``SlidesInFlightSettings``; unset: ``DEFAULT_SLIDES_IN_FLIGHT`` = 2 with a GPU encoder, 1 with
-  a CPU one, whose threads already fill the cores the overlap would need). A slide's result,
+  (``SlidesInFlightSettings``; default ``DEFAULT_SLIDES_IN_FLIGHT`` = 2, on a GPU and on the CPU
+  alike: see ``SlidesInFlightSettings`` for what was measured). A slide's result,
   progress, cancel check and error belong to its own thread's call of
   ``Engine.embed_slide`` (or ``xmag.store.lookup_or_embed``), exactly as one slide at a time:
   a failing slide raises in its own thread and never touches its neighbours.
@@ -64,7 +64,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from xmag.pipeline import lower_thread_priority, thread_niceness
-from xmag.settings import GPU_PROVIDERS, EngineSettings, register_settings
+from xmag.settings import EngineSettings, register_settings
 
 __all__ = [
     "DEFAULT_SLIDES_IN_FLIGHT",
@@ -75,8 +75,7 @@ __all__ = [
     "map_in_flight",
 ]
 
-#: Slides held at once by one worker or ``xmag embed`` with a GPU encoder: one on the model, one
-#: being prepared (on the CPU the default is 1: ``SlidesInFlightSettings.for_provider``).
+#: Slides held at once by one worker or ``xmag embed``: one on the model, one being prepared.
 DEFAULT_SLIDES_IN_FLIGHT = 2
 #: More slides in flight than this only holds memory: preparing is much shorter than the model.
 MAX_SLIDES_IN_FLIGHT = 8
@@ -89,32 +88,28 @@ _R = TypeVar("_R")
 
 @register_settings
 class SlidesInFlightSettings(BaseSettings):
-    """How many slides one process keeps in flight (``XMAG_SLIDES_IN_FLIGHT``)."""
+    """How many slides one process keeps in flight (``XMAG_SLIDES_IN_FLIGHT``).
+
+    The default is 2 on a GPU and on the CPU. On a GPU the model's work leaves the host's cores
+    to the next slide. On the CPU the encoder's threads and the next slide's hashing, planning
+    and decoding share the cores, so it was measured (2 cores, 20 generated 40x slides of
+    50,000 px, the demo package's int8 encoder, ``benchmarks/bench_inflight.py``, quiet machine):
+    1 -> 2 in flight took ``xmag embed`` from 27.1 to 31.9 slides/min and one service worker
+    from 23.9 to 30.9 (model busy 0.66 -> 0.82 and 0.57 -> 0.77 of the wall time), each slide's
+    model time growing 5% with the other slide's threads at ``XMAG_READER_NICE``; peak RSS
+    +120 MB (CLI) and +50 MB (worker). ``XMAG_SLIDES_IN_FLIGHT=1`` gives the lowest latency for a
+    lone slide on a busy CPU.
+    """
 
     model_config = SettingsConfigDict(env_prefix="XMAG_", extra="ignore")
 
-    slides_in_flight: int | None = Field(
-        default=None,
+    slides_in_flight: int = Field(
+        default=DEFAULT_SLIDES_IN_FLIGHT,
         ge=1,
         le=MAX_SLIDES_IN_FLIGHT,
         description="slides opened, hashed and planned while the model runs another (1: one "
-        "slide at a time; unset: DEFAULT_SLIDES_IN_FLIGHT when the encoder runs on a GPU, 1 on "
-        "the CPU, whose cores the model already fills)",
+        "slide at a time)",
     )
-
-    def for_provider(self, provider: str) -> int:
-        """The setting, or its default for an encoder on ``provider`` ("cpu", "cuda"...).
-
-        On the CPU the encoder's threads and the next slide's hashing, planning and decoding
-        share the same cores: measured on 2 cores (20 slides, benchmarks/bench_inflight.py),
-        two slides in flight with readers at nice 10 kept the model busier (0.84 -> 0.93 of the
-        wall time, CLI) but each slide's model time grew 8-13%, for no more slides/min (12.6 vs
-        12.5); at nice 0 the model time grew 35-53%. On a GPU the model's work leaves the host's
-        cores.
-        """
-        if self.slides_in_flight is not None:
-            return self.slides_in_flight
-        return DEFAULT_SLIDES_IN_FLIGHT if provider in GPU_PROVIDERS else 1
 
 
 class ModelGate:
