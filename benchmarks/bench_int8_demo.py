@@ -19,6 +19,9 @@ Variants:
     int8-static     static QDQ of every MatMul, per-channel weights, ranges calibrated on real
                     tiles (percentile), as ``Int8Mode.STATIC``
 
+Last, the same pair through the engine (``Engine.encode``, ``variant`` fp32 vs int8, the engine's
+own session options): the ratio a user switching ``XMAG_VARIANT`` sees.
+
 Speed: ONNX Runtime CPU provider, ``--threads`` intra-op threads (default 2), spinning off (as
 the engine sets it), at batch 1 and the engine's batch (the card's ``runtime.batch.opt``, which
 ``apply_card_hints`` makes the CPU batch size). Variants are timed in interleaved rounds
@@ -45,9 +48,11 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from model_export.parity import cosine_rows
 from model_export.parity_tiles import collect_parity_tiles
 from model_export.quantize import Int8Mode, quantize_int8
+from xmag.engine import Engine
 from xmag.package import load_package
 from xmag.params import SlideOptions
 from xmag.preprocess import Preprocessor
+from xmag.settings import EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = ROOT / "tests/data/slides"
@@ -226,6 +231,32 @@ def main() -> None:
                     f"  {k:15s} {w:7.1f} tiles/s (x{w / w0:.2f} vs fp32, x{w / wf:.2f} vs "
                     f"fp32-ort-fused)   {c:7.1f} tiles/cpu-s (x{c / c0:.2f}, x{c / cf:.2f})"
                 )
+    _engine_speed(args.package, feed, card.runtime.batch.opt, args.seconds)
+
+
+def _engine_speed(
+    package: Path, feed: Callable[[int], dict[str, np.ndarray]], batch: int, seconds: float
+) -> None:
+    """What a user gets: ``Engine.encode`` with ``XMAG_VARIANT`` fp32 vs int8 (the engine's own
+    session options, threads and output handling), interleaved, medians."""
+    engines = {
+        v: Engine.from_dir(package, EngineSettings(variant=v, cache_dir=None))
+        for v in ("fp32", "int8")
+    }
+    x = next(iter(feed(batch).values()))
+    for e in engines.values():
+        e.encode(x)  # warm-up
+    rates: dict[str, list[float]] = {v: [] for v in engines}
+    t_end = time.perf_counter() + seconds * len(engines)
+    while time.perf_counter() < t_end or min(len(r) for r in rates.values()) < 3:
+        for v, e in engines.items():
+            t0 = time.perf_counter()
+            e.encode(x)
+            rates[v].append(batch / (time.perf_counter() - t0))
+    before = _load()
+    fp32, int8 = (float(np.median(rates[v])) for v in ("fp32", "int8"))
+    print(f"\nthrough the engine (Engine.encode, batch {batch}): {before}")
+    print(f"  fp32 {fp32:7.1f} tiles/s   int8 {int8:7.1f} tiles/s   int8/fp32 x{int8 / fp32:.2f}")
 
 
 if __name__ == "__main__":
