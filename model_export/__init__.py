@@ -1,7 +1,8 @@
 """PyTorch students and heads -> ONNX model packages the engine loads (torch side only).
 
     model_export.xmag_checkpoint   the official XMAG release (DINOv2 layout) -> timm ViT-B/14
-    model_export.onnx_export       encoder and MIL heads -> ONNX (opset 18, dynamic batch)
+    model_export.onnx_export       encoder and MIL heads -> ONNX (opset 18, dynamic batch; the
+                                   int8 source with ORT's fused Attention/Gelu ops)
     model_export.quantize          fp16 (float32 IO) and int8 (dynamic / static) variants
     model_export.parity_tiles      real tiles for parity, read by the core (xmag.tiles.SlideTiles)
     model_export.parity            every variant vs PyTorch on those tiles -> parity.json
