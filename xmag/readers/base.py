@@ -546,6 +546,22 @@ def level_window(
     return (x, y), (x0, y0, x1, y1)
 
 
+def read_in_window(
+    level0_xy: tuple[int, int],
+    info: LevelInfo,
+    size: tuple[int, int],
+    read: Callable[[tuple[int, int], tuple[int, int]], np.ndarray],
+) -> np.ndarray:
+    """A (h, w, 3) region on white: ``read(xy, wh)`` gives the pixels of the part inside the
+    level (its top-left and size in the level's frame), pasted where they fall; the rest (a
+    region reaching past the level's edges) stays white, as OpenSlide pads it."""
+    out = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
+    (x, y), (x0, y0, x1, y1) = level_window(level0_xy, info, size)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = read((x0, y0), (x1 - x0, y1 - y0))
+    return out
+
+
 def white_outside(
     pixels: np.ndarray, level_xy: tuple[int, int], window: tuple[int, int, int, int]
 ) -> np.ndarray:

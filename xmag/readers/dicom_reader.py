@@ -22,7 +22,7 @@ from xmag.readers.base import (
     MetadataMpp,
     SlideFormat,
     SlideReader,
-    level_window,
+    read_in_window,
     register_reader,
 )
 from xmag.readers.openslide_reader import DICOM_WSI, dicom_files, is_dicom_file
@@ -126,29 +126,26 @@ class DicomReader(SlideReader):
     def _read_region(
         self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        out = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
-        (x, y), (x0, y0, x1, y1) = level_window(level0_xy, self._levels[level], size)
-        if x1 <= x0 or y1 <= y0:
-            return out
         wsi_level = self._wsi_levels[level].level
-        try:
-            with self._lock:
-                planes = [
-                    self._wsi.read_region(
-                        (x0, y0), wsi_level, (x1 - x0, y1 - y0), path=p, as_array=True
-                    )
-                    for p in self._paths
-                ]
-        except _DICOM_ERRORS as exc:
-            raise self._undecodable(
-                level0_xy,
-                level,
-                size,
-                f"{type(exc).__name__}: {exc}",
-                "the instance is damaged there: export the set again.",
-            ) from exc
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = _compose(planes)
-        return out
+
+        def read(xy: tuple[int, int], wh: tuple[int, int]) -> np.ndarray:
+            try:
+                with self._lock:
+                    planes = [
+                        self._wsi.read_region(xy, wsi_level, wh, path=p, as_array=True)
+                        for p in self._paths
+                    ]
+            except _DICOM_ERRORS as exc:
+                raise self._undecodable(
+                    level0_xy,
+                    level,
+                    size,
+                    f"{type(exc).__name__}: {exc}",
+                    "the instance is damaged there: export the set again.",
+                ) from exc
+            return _compose(planes)
+
+        return read_in_window(level0_xy, self._levels[level], size, read)
 
     def _close(self) -> None:
         self._wsi.close()

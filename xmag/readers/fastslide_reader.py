@@ -90,7 +90,7 @@ from xmag.readers.base import (
     MetadataMpp,
     SlideFormat,
     SlideReader,
-    level_window,
+    read_in_window,
     register_reader,
 )
 
@@ -233,13 +233,10 @@ class FastslideReader(SlideReader):
     def _read_region(
         self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        out = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
-        (x, y), (x0, y0, x1, y1) = level_window(level0_xy, self._levels[level], size)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        raw = self._raw(level, (x0, y0), (x1 - x0, y1 - y0), level0_xy, size)
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = self._display(raw)
-        return out
+        def read(xy: tuple[int, int], wh: tuple[int, int]) -> np.ndarray:
+            return self._display(self._raw(level, xy, wh, level0_xy, size))
+
+        return read_in_window(level0_xy, self._levels[level], size, read)
 
     # -- internals ------------------------------------------------------------------------------
     def _raw(
