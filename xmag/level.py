@@ -98,11 +98,12 @@ def choose_decode(
     """``level`` with the tile decode path chosen (``LevelChoice.decode``).
 
     ``mode="exact"`` keeps ``"region"``. ``mode="auto"`` asks the reader which 1/n scales it
-    decodes the level at (``SlideReader.decode_scales``) and takes the coarsest n >= 2 that
-    divides a tile's read (``level.read_px(tile_px)``) and still leaves at least ``tile_px``
-    pixels, so the remaining resize is a small area resize or none (a 40x slide read at 5x from
-    its 1 um/px level: n = 2, no resize). A level read without downsampling (a native 5x level),
-    one the reader cannot decode directly, or one whose downsample is not a whole number keeps
+    decodes the level at (``SlideReader.decode_scales``) and takes the coarsest n that divides a
+    tile's read (``level.read_px(tile_px)``) and still leaves at least ``tile_px`` pixels, so
+    the remaining resize is a small area resize or none (a 40x slide read at 5x from its 1 um/px
+    level: n = 2, no resize; a native 5x level: n = 1, the JPEG tiles decoded whole, the same
+    pixels as ``read_region`` without the adapter's ARGB conversion and copies). A level the
+    reader cannot decode directly, or one whose downsample is not a whole number, keeps
     ``"region"``.
 
     Args:
@@ -118,9 +119,9 @@ def choose_decode(
         return dataclasses.replace(level, decode=REGION_DECODE)
     scales = reader.decode_scales(level.level)
     read_px = level.read_px(tile_px)
-    # Scale 1 alone is not taken: decoding a level whole costs what read_region costs (measured,
-    # benchmarks/bench_decode.py), so only a reduced decode is worth leaving the reference for.
-    usable = [n for n in scales if n > 1 and read_px % n == 0 and read_px // n >= tile_px]
+    # Scale 1 pays too: on a native 5x level of a generated 20x slide a whole-tile decode gives
+    # read_region's pixels at 2.3-2.6x its tiles/s (benchmarks/bench_decode.py).
+    usable = [n for n in scales if read_px % n == 0 and read_px // n >= tile_px]
     if not usable:
         return dataclasses.replace(level, decode=REGION_DECODE)
     return dataclasses.replace(level, decode=f"{_JPEG_DCT}{max(usable)}")
