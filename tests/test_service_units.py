@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,32 @@ def test_the_audit_stream_stays_bounded_while_the_file_keeps_every_entry(tmp_pat
     lines = audit_path(tmp_path).read_text().splitlines()
     assert len(lines) == 1_500
     assert json.loads(lines[0])["detail"] == "n0"
+
+
+def test_stopping_the_embedded_redis_never_stops_the_next_one_on_its_socket(
+    tmp_path: Path,
+) -> None:
+    """`xmag serve` stopped and started again at once in one data folder: the first one's stop
+    must end its own server process only, never whatever listens on the socket path by then
+    (a SHUTDOWN sent to the path, retried by the client, reached the new server and left the
+    new `xmag serve` answering 500s)."""
+    import threading
+
+    from service.embedded_redis import EmbeddedRedis
+
+    folder = tmp_path / "redis"
+    first = EmbeddedRedis(folder).start()
+    stopping = threading.Thread(target=first.stop)
+    stopping.start()
+    deadline = time.monotonic() + 10
+    while first.socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    second = EmbeddedRedis(folder).start()  # as soon as the socket is free
+    try:
+        stopping.join(timeout=30)
+        time.sleep(3.0)  # longer than a client's retry backoff
+        assert second.process is not None and second.process.poll() is None
+        with second.client() as client:
+            assert client.ping()
+    finally:
+        second.stop()
