@@ -124,18 +124,20 @@ def serve(
 
     from service.api import create_app
     from service.auth import ApiKeyStore
-    from service.embedded_redis import EmbeddedRedis
+    from service.embedded_redis import EmbeddedRedis, RedisWatchdog
     from service.logs import configure_logging
     from service.queue import redis_client
     from service.server import server_config
 
     settings = _settings(data_dir, model)
     configure_logging(settings.log_level)
-    embedded = None
+    embedded = watchdog = None
     url = settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings.redis_dir).start()
         url = embedded.url
+        watchdog = RedisWatchdog(embedded)
+        watchdog.start()
     supervisor = None
     try:
         with contextlib.closing(redis_client(url)) as client:
@@ -159,6 +161,8 @@ def serve(
     finally:
         if supervisor is not None:
             supervisor.stop(timeout_s=settings.worker_shutdown_grace_s)
+        if watchdog is not None:
+            watchdog.stop()  # before the server: its stop must not look like a crash
         if embedded is not None:
             embedded.stop()
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +24,9 @@ import redis
 
 from service.errors import ServiceUnavailableError
 
-__all__ = ["EmbeddedRedis", "die_with_parent", "redis_server_binary"]
+__all__ = ["EmbeddedRedis", "RedisWatchdog", "die_with_parent", "redis_server_binary"]
+
+_log = logging.getLogger(__name__)
 
 #: Seconds to wait for the server to answer PING after starting it.
 START_TIMEOUT_S = 20.0
@@ -189,3 +193,41 @@ class EmbeddedRedis:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class RedisWatchdog(threading.Thread):
+    """Starts the embedded Redis again when its process ends while ``xmag serve`` runs.
+
+    Killed by the OOM killer or by hand, the server leaves the API answering 500s and the
+    workers retrying for ever; started again in the same folder it reloads its append-only file
+    (everything fsynced up to a second before), and the workers' and API's connections
+    reconnect. ``stop()`` (before ``EmbeddedRedis.stop``) ends the watch.
+    """
+
+    def __init__(self, server: EmbeddedRedis, *, interval_s: float = 1.0) -> None:
+        super().__init__(name="xmag-redis-watchdog", daemon=True)
+        self.server = server
+        self.interval_s = interval_s
+        self.restarts = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            process = self.server.process
+            code = process.poll() if process is not None else None
+            if code is None or self._stop_event.is_set():
+                continue
+            _log.critical(
+                "embedded Redis exited; starting it again from its append-only file",
+                extra={"exit_code": code, "data_dir": str(self.server.data_dir)},
+            )
+            try:
+                self.server.start()
+                self.restarts += 1
+            except ServiceUnavailableError as exc:  # tried again after the next interval
+                _log.critical("embedded Redis did not start again", extra={"error": str(exc)})
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=self.interval_s + START_TIMEOUT_S)
