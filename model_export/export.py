@@ -440,24 +440,21 @@ def export_int8_encoder(
     Raises:
         ExportError: an export or quantization step failed.
     """
-    fused = mode is Int8Mode.DYNAMIC
-    source_graph = fp32_graph if (fp32_graph is not None and not fused) else None
-    made = source_graph is None
-    if source_graph is None:
-        source_graph = dst.with_name(f"{dst.stem}.source.onnx")
+    if mode is Int8Mode.STATIC and fp32_graph is not None:
+        return quantize_int8(fp32_graph, dst, mode=mode, calibration_tiles=calibration_tiles)
+    source_graph = dst.with_name(f"{dst.stem}.source.onnx")
+    try:
         export_encoder(
             model,
             source_graph,
             img_px=img_px,
             with_patch_tokens=with_patch_tokens,
             opset=opset,
-            ort_fused=fused,
+            ort_fused=mode is Int8Mode.DYNAMIC,
         )
-    try:
         return quantize_int8(source_graph, dst, mode=mode, calibration_tiles=calibration_tiles)
     finally:
-        if made:
-            source_graph.unlink(missing_ok=True)
+        source_graph.unlink(missing_ok=True)
 
 
 def _copy_extra_files(stage: Path, files: Mapping[str, Path]) -> list[str]:

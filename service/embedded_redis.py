@@ -208,7 +208,6 @@ class RedisWatchdog(threading.Thread):
         super().__init__(name="xmag-redis-watchdog", daemon=True)
         self.server = server
         self.interval_s = interval_s
-        self.restarts = 0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -223,7 +222,6 @@ class RedisWatchdog(threading.Thread):
             )
             try:
                 self.server.start()
-                self.restarts += 1
             except ServiceUnavailableError as exc:  # tried again after the next interval
                 _log.critical("embedded Redis did not start again", extra={"error": str(exc)})
 
