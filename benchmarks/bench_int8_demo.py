@@ -7,13 +7,14 @@ Variants:
     fp32            the shipped model.onnx (plain ONNX, what every provider reads), as the engine
                     runs it (ORT_ENABLE_ALL)
     int8            the shipped model.int8.onnx: dynamic int8 of the graph exported with ONNX
-                    Runtime's fused attention and GELU (``export_encoder(..., ort_fused=True)``):
-                    QAttention, MatMulInteger, Gelu
+                    Runtime's fused attention and GELU and the LayerScales folded into the Linear
+                    before them (``export_encoder(..., ort_fused=True)``): QAttention,
+                    MatMulInteger, Gelu
     int8-matmul     the previous recipe: dynamic int8 of the plain graph (MatMulInteger only,
                     attention left to fp32 MatMul/Softmax nodes)
-    fp32-ort-fused  the int8 variant's fp32 source (fused attention and GELU, not shipped: TensorRT
-                    cannot parse these ops); built from ``--checkpoint`` (needs torch), so int8 is
-                    also compared with an fp32 graph of the same shape
+    fp32-ort-fused  the int8 variant's fp32 source (fused attention and GELU, LayerScales folded;
+                    not shipped: TensorRT cannot parse these ops); built from ``--checkpoint``
+                    (needs torch), so int8 is also compared with an fp32 graph of the same shape
     fp32-optimizer  model.onnx through onnxruntime.transformers.optimizer (model_type "vit",
                     opt_level 0): only SkipLayerNormalization and BiasGelu fuse on this graph
     int8-static     static QDQ of every MatMul, per-channel weights, ranges calibrated on real

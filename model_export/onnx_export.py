@@ -16,11 +16,18 @@ Graphs (names are part of the package card):
 
 ONNX Runtime's fused operators (``export_encoder(..., ort_fused=True)``): each timm attention
 block is written as one ``com.microsoft::Attention`` node (QKV projection, scaled dot product,
-softmax and head merge) and each exact GELU as ``com.microsoft::Gelu``. That graph is the source
+softmax and head merge), each exact GELU as ``com.microsoft::Gelu``, and each timm block's
+LayerScale is folded into the Linear before it (``diag(g) (W x + b) = (diag(g) W) x + g b``, exact
+in real arithmetic; ORT's CPU fuser leaves the Mul, which also keeps it from fusing the residual
+Add into SkipLayerNormalization). That graph is the source
 of the CPU int8 variant: ``quantize_dynamic`` turns the Attention nodes into ``QAttention`` (int8
 QKV projection inside ORT's own attention kernel), and the fused GELU lets ORT fold the MLP's
 bias into ``BiasGelu``. Standard ONNX has neither op, and TensorRT parses neither, so the fp32
 ``model.onnx`` every provider reads stays a plain graph; only the CPU-only int8 file uses them.
+The LayerScale fold stays out of ``model.onnx`` too: TensorRT folds the Mul itself, and the fp16
+copy made from ``model.onnx`` would hold weights times scales that can be ~1e-5 (DINOv2's init),
+below fp16's normal range; int8 weights are scaled per output channel, so the fold costs them
+nothing.
 Measured on the demo student (2 cores, batch 32, ``benchmarks/bench_int8_demo.py``): see the
 module ``model_export.quantize``.
 """
@@ -153,8 +160,9 @@ def export_encoder(
         with_patch_tokens: also output the patch tokens (second output).
         opset: ONNX default-domain opset (17 or 18 for TensorRT/CUDA).
         ort_fused: write attention blocks and exact GELUs as ONNX Runtime's fused
-            ``com.microsoft`` operators (CPU and CUDA providers only; see the module docstring).
-            Blocks of another shape stay plain; ``model`` itself is left unchanged.
+            ``com.microsoft`` operators (CPU and CUDA providers only; see the module docstring),
+            with each timm block's LayerScale folded into the Linear before it. Blocks of
+            another shape stay plain; ``model`` itself is left unchanged.
 
     Raises:
         ExportError: the exporter failed or the graph does not pass ``onnx.checker``.
@@ -242,6 +250,69 @@ class _OrtGelu(nn.Module):
         )
 
 
+class _FoldedLinear(nn.Module):
+    """A Linear followed by a LayerScale ``g``, exported as one Linear with ``g`` in its weights.
+
+    Outside an ONNX export it runs the original Linear (the LayerScale runs as ``_Unexported``).
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def __init__(self, linear: nn.Linear, gamma: Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        g = gamma.detach()
+        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+        self.register_buffer("weight", linear.weight.detach() * g[:, None], persistent=False)
+        self.register_buffer("bias", bias.detach() * g, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            out: Tensor = self.linear(x)
+            return out
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Unexported(nn.Module):
+    """Runs ``module`` outside an ONNX export and nothing inside one (its work is folded)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return x
+        out: Tensor = self.module(x)
+        return out
+
+
+def _layer_scale_folds(block: nn.Module) -> list[tuple[str, str, str]]:
+    """(branch, its last Linear, LayerScale) attribute names of each LayerScale of a timm ViT
+    ``Block`` that directly scales the output of the branch's last Linear (attention ``proj``,
+    MLP ``fc2``, each followed only by dropout)."""
+    from timm.layers import LayerScale
+    from timm.models.vision_transformer import Block
+
+    if type(block) is not Block:  # other block types place their scales elsewhere
+        return []
+    folds = []
+    for ls_name, branch_name, linear_name, drop_name in (
+        ("ls1", "attn", "proj", "proj_drop"),
+        ("ls2", "mlp", "fc2", "drop2"),
+    ):
+        ls, branch = getattr(block, ls_name, None), getattr(block, branch_name, None)
+        linear, drop = getattr(branch, linear_name, None), getattr(branch, drop_name, None)
+        if (
+            isinstance(ls, LayerScale)
+            and isinstance(linear, nn.Linear)
+            and isinstance(drop, nn.Dropout | nn.Identity)
+        ):
+            folds.append((branch_name, linear_name, ls_name))
+    return folds
+
+
 def _fusable_attention(module: nn.Module) -> bool:
     """A timm-style self-attention ORT's Attention op computes exactly: one QKV Linear whose
     output is 3 x its input, no q/k norms, no norm or gate before the projection."""
@@ -262,19 +333,27 @@ def _fusable_attention(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def _ort_fused_ops(model: nn.Module, *, enabled: bool) -> Iterator[None]:
-    """Swap fusable attention blocks and exact GELUs for their ORT-op exporters, then restore."""
+    """Swap fusable attention blocks and exact GELUs for their ORT-op exporters and fold
+    LayerScales into the Linear before them, for the export only; then put everything back."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def swap(parent: nn.Module, name: str, replacement: nn.Module) -> None:
+        swapped.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, replacement)
+
     if enabled:
+        folds = [(b, *names) for b in model.modules() for names in _layer_scale_folds(b)]
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if _fusable_attention(child):
-                    replacement: nn.Module = _OrtAttention(child)
+                    swap(parent, name, _OrtAttention(child))
                 elif isinstance(child, nn.GELU) and child.approximate == "none":
-                    replacement = _OrtGelu()
-                else:
-                    continue
-                setattr(parent, name, replacement)
-                swapped.append((parent, name, child))
+                    swap(parent, name, _OrtGelu())
+        for block, branch_name, linear_name, ls_name in folds:
+            branch = getattr(block, branch_name)  # an _OrtAttention keeps the block's proj
+            ls = getattr(block, ls_name)
+            swap(branch, linear_name, _FoldedLinear(getattr(branch, linear_name), ls.gamma))
+            swap(block, ls_name, _Unexported(ls))
     try:
         yield
     finally:

@@ -394,6 +394,12 @@ def _op_domains(path: Path) -> dict[str, set[str]]:
     return domains
 
 
+def _per_channel_muls(path: Path) -> int:
+    graph = onnx.load(str(path)).graph
+    vectors = {i.name for i in graph.initializer if len(i.dims) == 1 and i.dims[0] > 1}
+    return sum(n.op_type == "Mul" and bool(vectors & set(n.input)) for n in graph.node)
+
+
 def test_int8_runs_ort_fused_attention_while_the_fp32_graph_stays_standard_onnx(
     exported: ExportResult,
 ) -> None:
@@ -416,18 +422,27 @@ def test_ort_fused_export_computes_the_plain_graph_and_leaves_the_model_as_it_wa
     with torch.no_grad():  # peaked attention, so a wrong scale or Q/K/V layout shows
         for block in model.blocks:
             block.attn.qkv.weight.mul_(6.0)
+            for linear in (block.attn.proj, block.mlp.fc2):  # biases the LayerScale fold scales
+                linear.bias.normal_(0.0, 0.5)
     # One block whose attention ORT's op cannot compute (a q/k norm): it must stay plain.
     qk_norm = torch.nn.LayerNorm(64)
     model.blocks[1].attn.q_norm = qk_norm
     before = [type(m) for m in model.modules()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     plain = export_encoder(model, tmp_path / "plain.onnx", img_px=224)
     fused = export_encoder(model, tmp_path / "fused.onnx", img_px=224, ort_fused=True)
     assert [type(m) for m in model.modules()] == before  # swapped modules put back
     assert model.blocks[1].attn.q_norm is qk_norm
+    for k, v in model.state_dict().items():  # the LayerScale fold scaled copies, not weights
+        assert torch.equal(v, weights[k]), k
     ops = _op_domains(fused.path)
     n_attention = sum(n.op_type == "Attention" for n in onnx.load(str(fused.path)).graph.node)
     assert n_attention == len(model.blocks) - 1 and "Softmax" in ops["ai.onnx"]
     assert "Gelu" in ops["com.microsoft"]
+    # Every block's two LayerScales (the q-normed block's too) are folded into the Linear before
+    # them: no Mul by a per-channel [192] weight is left.
+    assert _per_channel_muls(plain.path) == 2 * len(model.blocks)
+    assert _per_channel_muls(fused.path) == 0
     x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
     outputs = {
         name: make_session(graph.path).run(None, {"pixels": x})
