@@ -70,7 +70,9 @@ def _interleaved_rates(
     """Median tiles/s of two graphs timed in alternation, batch by batch.
 
     This machine is shared, so its load drifts; timing fp32 then int8 one after the other would
-    fold that drift into the ratio. Alternating runs and taking medians keeps them comparable.
+    fold that drift into the ratio. Alternating runs and taking medians keeps them comparable;
+    the order flips each round, since the session run second in a pair is a few % faster
+    (two sessions of one file measured x1.04), which would otherwise favour int8.
     """
     sessions = [make_session(p, threads=threads) for p in paths]
     reps = -(-batch // len(x))
@@ -79,10 +81,10 @@ def _interleaved_rates(
         s.run([ENCODER_OUTPUT], feed)  # warm-up: allocations, kernel selection
     times: list[list[float]] = [[], []]
     t_end = time.perf_counter() + 2 * seconds
-    while time.perf_counter() < t_end or len(times[0]) < 3:
-        for i, s in enumerate(sessions):
+    while time.perf_counter() < t_end or len(times[0]) < 4:
+        for i in (0, 1) if len(times[0]) % 2 == 0 else (1, 0):
             t0 = time.perf_counter()
-            s.run([ENCODER_OUTPUT], feed)
+            sessions[i].run([ENCODER_OUTPUT], feed)
             times[i].append(time.perf_counter() - t0)
     fp32_s, int8_s = (float(np.median(t)) for t in times)
     return batch / fp32_s, batch / int8_s

@@ -25,8 +25,9 @@ own session options): the ratio a user switching ``XMAG_VARIANT`` sees.
 
 Speed: ONNX Runtime CPU provider, ``--threads`` intra-op threads (default 2), spinning off (as
 the engine sets it), at batch 1 and the engine's batch (the card's ``runtime.batch.opt``, which
-``apply_card_hints`` makes the CPU batch size). Variants are timed in interleaved rounds
-(A/B/C/.../A/B/C...), medians reported, with wall tiles/s and tiles per CPU-second (process CPU
+``apply_card_hints`` makes the CPU batch size). Variants are timed in interleaved rounds whose
+order rotates (A/B/C, B/C/A, C/A/B...: the session run first in a round is a few % slower),
+medians reported, with wall tiles/s and tiles per CPU-second (process CPU
 time, less sensitive to other processes on a shared machine) and the load average before and
 after. Accuracy: on real tiles read through the core's ``SlideTiles`` (``collect_parity_tiles``,
 the slides the demo is built from), each variant's embedding against the shipped fp32 graph:
@@ -131,6 +132,14 @@ def _load() -> str:
     return f"load avg {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+def _rotated(keys: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: each variant takes each place in turn. A session run right after
+    another is a few % faster than the one run first (measured: two sessions of one file, x1.04),
+    so a fixed order would favour whichever variant comes second."""
+    r %= len(keys)
+    return keys[r:] + keys[:r]
+
+
 def _speed(
     sessions: dict[str, ort.InferenceSession],
     feed: Callable[[int], dict[str, np.ndarray]],
@@ -145,12 +154,14 @@ def _speed(
     wall: dict[str, list[float]] = {k: [] for k in sessions}
     cpu: dict[str, list[float]] = {k: [] for k in sessions}
     t_end = time.perf_counter() + seconds * len(sessions)
-    while time.perf_counter() < t_end or min(len(v) for v in wall.values()) < 3:
-        for k, s in sessions.items():
+    rounds = 0
+    while time.perf_counter() < t_end or rounds < len(sessions):
+        for k in _rotated(list(sessions), rounds):
             c0, t0 = time.process_time(), time.perf_counter()
-            s.run([out], x)
+            sessions[k].run([out], x)
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
+        rounds += 1
     return {k: (batch / float(np.median(wall[k])), batch / float(np.median(cpu[k]))) for k in wall}
 
 
@@ -238,11 +249,13 @@ def _engine_speed(
         e.encode(x)  # warm-up
     rates: dict[str, list[float]] = {v: [] for v in engines}
     t_end = time.perf_counter() + seconds * len(engines)
-    while time.perf_counter() < t_end or min(len(r) for r in rates.values()) < 3:
-        for v, e in engines.items():
+    rounds = 0
+    while time.perf_counter() < t_end or rounds < 4:
+        for v in _rotated(list(engines), rounds):
             t0 = time.perf_counter()
-            e.encode(x)
+            engines[v].encode(x)
             rates[v].append(batch / (time.perf_counter() - t0))
+        rounds += 1
     before = _load()
     fp32, int8 = (float(np.median(rates[v])) for v in ("fp32", "int8"))
     print(f"\nthrough the engine (Engine.encode, batch {batch}): {before}")
