@@ -5,12 +5,13 @@ student's shape, random weights: speed does not depend on them), each exported w
 ``model_export`` exactly as a package would be (the fp32 graph; the dynamic int8 graph from
 ``export_int8_encoder``: ORT's fused attention as QAttention), prints:
 
-    tiles/s on this CPU for fp32 and int8 (ONNX Runtime CPU provider, explicit threads; the two
-    are timed in alternation, batch by batch, and the medians reported)
+    tiles/s on this CPU for fp32 and int8 (ONNX Runtime CPU provider, explicit threads; each
+    graph in a process of its own, in rounds whose order alternates, medians reported: see
+    ``session_timing``)
     int8 / fp32 speed ratio (aim: >= 1.8x)
     cosine of int8 to the PyTorch model on real tiles read from the test slides (min, mean)
 
-Run: ``python benchmarks/bench_export.py [--threads N] [--batch B] [--seconds S]``.
+Run: ``python benchmarks/bench_export.py [--threads N] [--batch B] [--seconds S] [--rounds R]``.
 The committed demo package itself (shipped fp32 vs shipped int8 at batch 1 and the engine's
 batch, plus the other int8 recipes evaluated for it) is ``benchmarks/bench_int8_demo.py``.
 Random weights get DINOv2-like layer scales (0.1-0.5) so every block shapes the output; timm's
@@ -23,13 +24,13 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import timm
 import torch
+from session_timing import child_args, time_variants
 
 from model_export.export import export_int8_encoder
 from model_export.onnx_export import ENCODER_INPUT, ENCODER_OUTPUT, export_encoder
@@ -64,37 +65,12 @@ def _model(arch: str, kwargs: dict[str, int], seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _interleaved_rates(
-    paths: tuple[Path, Path], x: np.ndarray, batch: int, threads: int, seconds: float
-) -> tuple[float, float]:
-    """Median tiles/s of two graphs timed in alternation, batch by batch.
-
-    This machine is shared, so its load drifts; timing fp32 then int8 one after the other would
-    fold that drift into the ratio. Alternating runs and taking medians keeps them comparable;
-    the order flips each round, since the session run second in a pair is a few % faster
-    (two sessions of one file measured x1.04), which would otherwise favour int8.
-    """
-    sessions = [make_session(p, threads=threads) for p in paths]
-    reps = -(-batch // len(x))
-    feed = {ENCODER_INPUT: np.ascontiguousarray(np.concatenate([x] * reps)[:batch])}
-    for s in sessions:
-        s.run([ENCODER_OUTPUT], feed)  # warm-up: allocations, kernel selection
-    times: list[list[float]] = [[], []]
-    t_end = time.perf_counter() + 2 * seconds
-    while time.perf_counter() < t_end or len(times[0]) < 4:
-        for i in (0, 1) if len(times[0]) % 2 == 0 else (1, 0):
-            t0 = time.perf_counter()
-            sessions[i].run([ENCODER_OUTPUT], feed)
-            times[i].append(time.perf_counter() - t0)
-    fp32_s, int8_s = (float(np.median(t)) for t in times)
-    return batch / fp32_s, batch / int8_s
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=available_cpus())
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=10.0, help="timing per variant")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timing per variant and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each variant in its process")
     args = parser.parse_args()
 
     tiles = collect_parity_tiles(
@@ -114,9 +90,17 @@ def main() -> None:
             want, _ = torch_embeddings(model, x, with_patch_tokens=False)
             got = make_session(int8, threads=args.threads).run([ENCODER_OUTPUT], {ENCODER_INPUT: x})
             cos = cosine_rows(got[0], want)
-            rate32, rate8 = _interleaved_rates(
-                (fp32, int8), x, args.batch, args.threads, args.seconds
+            batch = np.ascontiguousarray(np.resize(x, (args.batch, *x.shape[1:])))
+            rates = time_variants(
+                {
+                    k: child_args(f, threads=args.threads)
+                    for k, f in (("fp32", fp32), ("int8", int8))
+                },
+                batch,
+                seconds=args.seconds,
+                rounds=args.rounds,
             )
+            rate32, rate8 = rates["fp32"].wall, rates["int8"].wall
             mb32, mb8 = fp32.stat().st_size / 2**20, int8.stat().st_size / 2**20
         print(f"\n{label}")
         print(f"  fp32: {rate32:8.2f} tiles/s   ({mb32:6.1f} MB)")

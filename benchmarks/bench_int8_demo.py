@@ -25,13 +25,14 @@ own session options): the ratio a user switching ``XMAG_VARIANT`` sees.
 
 Speed: ONNX Runtime CPU provider, ``--threads`` intra-op threads (default 2), spinning off (as
 the engine sets it), at batch 1 and the engine's batch (the card's ``runtime.batch.opt``, which
-``apply_card_hints`` makes the CPU batch size). Variants are timed in interleaved rounds whose
-order rotates (A/B/C, B/C/A, C/A/B...: the session run first in a round is a few % slower),
-medians reported, with wall tiles/s and tiles per CPU-second (process CPU
-time, less sensitive to other processes on a shared machine) and the load average before and
-after. Accuracy: on real tiles read through the core's ``SlideTiles`` (``collect_parity_tiles``,
-the slides the demo is built from), each variant's embedding against the shipped fp32 graph:
-cosine (min, mean) and centred cosine (after subtracting the fp32 mean embedding; min).
+``apply_card_hints`` makes the CPU batch size). Each variant runs in a process of its own
+(``session_timing``: sessions sharing a process run 10-15% apart on this VM), ``--rounds`` rounds
+whose order rotates, medians over all rounds reported, with wall tiles/s and tiles per
+CPU-second (process CPU time, less sensitive to other processes on a shared machine) and the
+load average before and after. Accuracy: on real tiles read through the core's ``SlideTiles``
+(``collect_parity_tiles``, the slides the demo is built from), each variant's embedding against
+the shipped fp32 graph: cosine (min, mean) and centred cosine (after subtracting the fp32 mean
+embedding; min).
 """
 
 from __future__ import annotations
@@ -39,21 +40,18 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from session_timing import child_args, cpu_session, time_variants
 
 from model_export.parity import cosine_rows
 from model_export.parity_tiles import collect_parity_tiles
 from model_export.quantize import Int8Mode, quantize_int8
-from xmag.engine import Engine
 from xmag.package import load_package
 from xmag.params import SlideOptions
 from xmag.preprocess import Preprocessor
-from xmag.settings import EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = ROOT / "tests/data/slides"
@@ -112,17 +110,6 @@ def _ort_fused(checkpoint: Path, dst: Path, tile_px: int) -> Path | None:
     return dst
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    """Options as ``xmag.runtime`` sets them for the CPU provider."""
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 1
-    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    o.log_severity_level = 3
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
-
-
 def _embed(s: ort.InferenceSession, x: np.ndarray, name: str, out: str) -> np.ndarray:
     return np.concatenate([s.run([out], {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
 
@@ -132,44 +119,14 @@ def _load() -> str:
     return f"load avg {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
-def _rotated(keys: list[str], r: int) -> list[str]:
-    """Round ``r``'s order: each variant takes each place in turn. A session run right after
-    another is a few % faster than the one run first (measured: two sessions of one file, x1.04),
-    so a fixed order would favour whichever variant comes second."""
-    r %= len(keys)
-    return keys[r:] + keys[:r]
-
-
-def _speed(
-    sessions: dict[str, ort.InferenceSession],
-    feed: Callable[[int], dict[str, np.ndarray]],
-    out: str,
-    batch: int,
-    seconds: float,
-) -> dict[str, tuple[float, float]]:
-    """Median (wall tiles/s, tiles per CPU-second) per variant, timed in interleaved rounds."""
-    x = feed(batch)
-    for s in sessions.values():
-        s.run([out], x)  # warm-up
-    wall: dict[str, list[float]] = {k: [] for k in sessions}
-    cpu: dict[str, list[float]] = {k: [] for k in sessions}
-    t_end = time.perf_counter() + seconds * len(sessions)
-    rounds = 0
-    while time.perf_counter() < t_end or rounds < len(sessions):
-        for k in _rotated(list(sessions), rounds):
-            c0, t0 = time.process_time(), time.perf_counter()
-            sessions[k].run([out], x)
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
-        rounds += 1
-    return {k: (batch / float(np.median(wall[k])), batch / float(np.median(cpu[k]))) for k in wall}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", type=Path, default=ROOT / "models/demo")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=8.0, help="timing per variant and batch")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="timing per variant, batch and round"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rotated rounds (medians over all)")
     parser.add_argument("--batches", type=int, nargs="*", default=None)
     parser.add_argument(
         "--checkpoint",
@@ -206,7 +163,7 @@ def main() -> None:
         )
         if "fp32-ort-fused" not in files:
             print(f"fp32-ort-fused skipped: no {args.checkpoint} or no torch")
-        sessions = {k: _session(p, args.threads) for k, p in files.items()}
+        sessions = {k: cpu_session(p, args.threads) for k, p in files.items()}
         ref = _embed(sessions["fp32"], x, name, out)
         centre = ref.astype(np.float64).mean(0)
         print("\naccuracy vs shipped fp32 on the evaluation tiles")
@@ -218,48 +175,32 @@ def main() -> None:
                 f"centred min {cc.min():.4f}   ({files[k].stat().st_size / 2**20:.1f} MB)"
             )
 
-        def feed(b: int) -> dict[str, np.ndarray]:
-            return {name: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))}
+        def feed(b: int) -> np.ndarray:
+            return np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
 
         for b in batches:
             before = _load()
-            rates = _speed(sessions, feed, out, b, args.seconds)
-            w0, c0 = rates["fp32"]
-            wf, cf = rates.get("fp32-ort-fused", rates["fp32"])
+            variants = {k: child_args(f, threads=args.threads) for k, f in files.items()}
+            rates = time_variants(variants, feed(b), seconds=args.seconds, rounds=args.rounds)
+            r0, rf = rates["fp32"], rates.get("fp32-ort-fused", rates["fp32"])
             print(f"\nbatch {b}: {before} -> {_load()}")
-            for k, (w, c) in rates.items():
+            for k, r in rates.items():
                 print(
-                    f"  {k:15s} {w:7.1f} tiles/s (x{w / w0:.2f} vs fp32, x{w / wf:.2f} vs "
-                    f"fp32-ort-fused)   {c:7.1f} tiles/cpu-s (x{c / c0:.2f}, x{c / cf:.2f})"
+                    f"  {k:15s} {r.wall:7.1f} tiles/s (x{r.wall / r0.wall:.2f} vs fp32, "
+                    f"x{r.wall / rf.wall:.2f} vs fp32-ort-fused)   {r.cpu:7.1f} tiles/cpu-s "
+                    f"(x{r.cpu / r0.cpu:.2f}, x{r.cpu / rf.cpu:.2f})"
                 )
-    _engine_speed(args.package, feed, card.runtime.batch.opt, args.seconds)
-
-
-def _engine_speed(
-    package: Path, feed: Callable[[int], dict[str, np.ndarray]], batch: int, seconds: float
-) -> None:
-    """What a user gets: ``Engine.encode`` with ``XMAG_VARIANT`` fp32 vs int8 (the engine's own
-    session options, threads and output handling), interleaved, medians."""
-    engines = {
-        v: Engine.from_dir(package, EngineSettings(variant=v, cache_dir=None))
-        for v in ("fp32", "int8")
-    }
-    x = next(iter(feed(batch).values()))
-    for e in engines.values():
-        e.encode(x)  # warm-up
-    rates: dict[str, list[float]] = {v: [] for v in engines}
-    t_end = time.perf_counter() + seconds * len(engines)
-    rounds = 0
-    while time.perf_counter() < t_end or rounds < 4:
-        for v in _rotated(list(engines), rounds):
-            t0 = time.perf_counter()
-            engines[v].encode(x)
-            rates[v].append(batch / (time.perf_counter() - t0))
-        rounds += 1
-    before = _load()
-    fp32, int8 = (float(np.median(rates[v])) for v in ("fp32", "int8"))
-    print(f"\nthrough the engine (Engine.encode, batch {batch}): {before}")
-    print(f"  fp32 {fp32:7.1f} tiles/s   int8 {int8:7.1f} tiles/s   int8/fp32 x{int8 / fp32:.2f}")
+        # What a user gets: Engine.encode with XMAG_VARIANT fp32 vs int8 (the engine's own
+        # session options, threads and output handling).
+        b = card.runtime.batch.opt
+        before = _load()
+        engines = {v: child_args(package=args.package, variant=v) for v in ("fp32", "int8")}
+        rates = time_variants(engines, feed(b), seconds=args.seconds, rounds=args.rounds)
+        fp32, int8 = rates["fp32"].wall, rates["int8"].wall
+        print(f"\nthrough the engine (Engine.encode, batch {b}): {before} -> {_load()}")
+        print(
+            f"  fp32 {fp32:7.1f} tiles/s   int8 {int8:7.1f} tiles/s   int8/fp32 x{int8 / fp32:.2f}"
+        )
 
 
 if __name__ == "__main__":
