@@ -69,8 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=available_cpus())
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=4.0, help="timing per variant and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each variant in its process")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per variant and round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, each variant in its process")
     args = parser.parse_args()
 
     tiles = collect_parity_tiles(

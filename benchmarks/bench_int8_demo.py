@@ -124,9 +124,9 @@ def main() -> None:
     parser.add_argument("--package", type=Path, default=ROOT / "models/demo")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--seconds", type=float, default=4.0, help="timing per variant, batch and round"
+        "--seconds", type=float, default=3.0, help="timing per variant, batch and round"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rotated rounds (medians over all)")
+    parser.add_argument("--rounds", type=int, default=5, help="rotated rounds (medians over all)")
     parser.add_argument("--batches", type=int, nargs="*", default=None)
     parser.add_argument(
         "--checkpoint",

@@ -6,7 +6,9 @@ ran at x1.00, x1.10 and x1.15 of the first one's tiles/s, in the order they were
 the order they ran; a session created first and never run did not change it), and the run
 second in a fixed order gained another ~4%. A benchmark that builds fp32 first and int8 after
 it therefore favours int8. Here each variant runs in a child process of its own, in rounds
-whose order rotates, and the medians over all rounds are reported.
+whose order rotates, and the medians over all rounds are reported. Fresh processes of one file
+differ too (117-177 tiles/s in nine 5-second runs minutes apart, the machine otherwise idle), so
+use several rounds: each gives every variant a new process.
 
 The child: ``python benchmarks/session_timing.py FILE TILES.npy --threads N --seconds S``
 (or ``--package DIR --variant V`` for ``Engine.encode``) prints one JSON line of per-call wall
@@ -50,7 +52,7 @@ def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def time_variants(
-    variants: dict[str, list[str]], x: np.ndarray, *, seconds: float, rounds: int = 3
+    variants: dict[str, list[str]], x: np.ndarray, *, seconds: float, rounds: int = 5
 ) -> dict[str, Rate]:
     """Median rates of each variant, each timed in its own process, ``rounds`` rotated rounds.
 
