@@ -40,6 +40,7 @@ from xmag.runtime import (
     apply_card_hints,
     check_onnxruntime_install,
     onnxruntime_distributions,
+    preload_gpu_libraries,
     worker_device_env,
 )
 from xmag.settings import DEFAULT_GPU_BATCH_PROFILE, EngineSettings
@@ -277,6 +278,45 @@ def test_a_gpu_provider_dropped_while_loading_is_caught_after_the_build(
     path = _encoder(tmp_path / "model.onnx")
     with pytest.raises(GpuUnavailableError, match="dropped CUDAExecutionProvider"):
         ModelSession(path, EngineSettings(providers=["cuda", "cpu"], require_gpu=True))
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_cuda_libraries_are_preloaded_once_and_the_ones_that_failed_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu from pip finds NVIDIA's CUDA wheels only through ``preload_dlls``; what it
+    could not load is in the error when the GPU provider is then dropped (fake provider list and
+    preload, which prints its failures as ONNX Runtime's does: there is no GPU here)."""
+    calls: list[tuple[bool, bool, bool]] = []
+
+    def fake_preload(
+        cuda: bool = True, cudnn: bool = True, msvc: bool = True, directory: str | None = None
+    ) -> None:
+        calls.append((cuda, cudnn, msvc))
+        print("Failed to load libcublasLt.so.12: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "preload_dlls", fake_preload, raising=False)
+    preload_gpu_libraries.cache_clear()
+    try:
+        path = _encoder(tmp_path / "model.onnx")
+        assert ModelSession(path, _cpu()).provider == "cpu"
+        assert calls == []  # a CPU plan loads no CUDA
+        monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+        with pytest.raises(GpuUnavailableError, match=r"reported: Failed to load libcublasLt"):
+            ModelSession(path, EngineSettings(providers=["cuda", "cpu"], require_gpu=True))
+        # Not required: the same failure degrades to the CPU, and loading ran once per process.
+        assert ModelSession(path, EngineSettings(providers=["cuda", "cpu"])).provider == "cpu"
+        assert calls == [(True, True, False)]
+
+        def broken_preload(**_: object) -> None:
+            raise OSError("nvidia/cudnn/lib: permission denied")
+
+        monkeypatch.setattr(ort, "preload_dlls", broken_preload)
+        preload_gpu_libraries.cache_clear()
+        with pytest.raises(GpuUnavailableError, match="OSError: nvidia/cudnn/lib"):
+            ModelSession(path, EngineSettings(providers=["cuda"]))
+    finally:
+        preload_gpu_libraries.cache_clear()
 
 
 def test_the_engine_refuses_to_build_without_the_gpu_it_was_told_to_use(

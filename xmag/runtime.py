@@ -31,7 +31,9 @@ The GPU path never degrades in silence:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -264,6 +266,37 @@ def _warn_install_once() -> None:
     check_onnxruntime_install()
 
 
+@functools.cache
+def preload_gpu_libraries() -> str | None:
+    """Load CUDA and cuDNN for ONNX Runtime's GPU providers, once per process; what failed.
+
+    ``onnxruntime-gpu``'s CUDA provider library carries no search path of its own, so CUDA and
+    cuDNN installed as NVIDIA's pip wheels (``onnxruntime-gpu[cuda,cudnn]``, or beside torch) are
+    not found by the loader and the session quietly lands on the CPU. ``onnxruntime.preload_dlls``
+    (1.21+, the way ONNX Runtime documents for pip installs) loads them from those wheels, else
+    from the default library path (a CUDA image's system libraries), before the first GPU
+    session. It prints the libraries it could not load; they are logged and returned, so an
+    error about a dropped GPU provider can name them. None: all loaded, or nothing to do (an
+    onnxruntime without ``preload_dlls``; a CPU build returns at once).
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return None
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload(cuda=True, cudnn=True, msvc=False)
+    except Exception as exc:  # a broken NVIDIA folder must not stop the session from loading
+        failed = f"{type(exc).__name__}: {exc}"
+    else:
+        failed = " ".join(printed.getvalue().split())
+    if failed:
+        _log.warning("loading CUDA/cuDNN for onnxruntime: %s", failed)
+    return failed or None
+
+
 def worker_device_env(slot: int, devices: Sequence[str]) -> dict[str, str]:
     """Environment giving supervised worker ``slot`` its GPU: round-robin over ``devices``.
 
@@ -362,6 +395,7 @@ class ModelSession:
         require_gpu = settings.gpu_required and allow_tensorrt
         planned = choose_providers(settings, available, allow_tensorrt=allow_tensorrt)
         on_gpu = bool(planned) and planned[0][0] in _GPU_ORT
+        gpu_libraries = preload_gpu_libraries() if on_gpu else None
         if require_gpu and not on_gpu:
             raise GpuUnavailableError(
                 f"A GPU is required ({_why_required(settings)}) but this onnxruntime "
@@ -432,9 +466,11 @@ class ModelSession:
                 f"{planned[0][0]} while loading {self.path.name} and runs it on "
                 f"{self.provider}: a CUDA, cuDNN or TensorRT library failed to load, or no GPU "
                 "is visible (ORT's log names the library). The worker refuses to serve from the "
-                "CPU.",
+                "CPU."
+                + (f" Loading CUDA/cuDNN reported: {gpu_libraries}" if gpu_libraries else ""),
                 provider=self.provider,
                 available=list(available),
+                gpu_libraries=gpu_libraries,
             )
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
