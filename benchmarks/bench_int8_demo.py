@@ -52,6 +52,7 @@ from model_export.quantize import Int8Mode, quantize_int8
 from xmag.package import load_package
 from xmag.params import SlideOptions
 from xmag.preprocess import Preprocessor
+from xmag.runtime import ModelSession
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = ROOT / "tests/data/slides"
@@ -110,8 +111,8 @@ def _ort_fused(checkpoint: Path, dst: Path, tile_px: int) -> Path | None:
     return dst
 
 
-def _embed(s: ort.InferenceSession, x: np.ndarray, name: str, out: str) -> np.ndarray:
-    return np.concatenate([s.run([out], {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
+def _embed(s: ModelSession, x: np.ndarray, name: str, out: str) -> np.ndarray:
+    return np.concatenate([s.run({name: x[i : i + 8]}, [out])[out] for i in range(0, len(x), 8)])
 
 
 def _load() -> str:

@@ -10,7 +10,7 @@ whose order rotates, and the medians over all rounds are reported. Fresh process
 differ too (117-177 tiles/s in nine 5-second runs minutes apart, the machine otherwise idle), so
 use several rounds: each gives every variant a new process.
 
-The child: ``python benchmarks/session_timing.py FILE TILES.npy --threads N --seconds S``
+The child: ``python benchmarks/session_timing.py TILES.npy --seconds S --file FILE --threads N``
 (or ``--package DIR --variant V`` for ``Engine.encode``) prints one JSON line of per-call wall
 and CPU seconds.
 """
@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from xmag.runtime import ModelSession
+from xmag.settings import EngineSettings
 
 HERE = Path(__file__).resolve()
 
@@ -40,15 +42,10 @@ class Rate:
     cpu: float
 
 
-def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with the options ``xmag.runtime`` sets for the CPU provider."""
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 1
-    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    o.log_severity_level = 3
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+def cpu_session(path: Path, threads: int) -> ModelSession:
+    """The engine's own CPU session for ``path`` (``xmag.runtime.ModelSession``: its options,
+    spinning off, output checks), with ``threads`` intra-op threads."""
+    return ModelSession(path, EngineSettings(providers=["cpu"], intra_op_threads=threads))
 
 
 def time_variants(
@@ -57,8 +54,7 @@ def time_variants(
     """Median rates of each variant, each timed in its own process, ``rounds`` rotated rounds.
 
     Args:
-        variants: name -> the child's arguments after the tiles file: ``[FILE, "--threads",
-            "2"]`` or ``["--package", DIR, "--variant", "int8"]`` (see ``child_args``).
+        variants: name -> the child's arguments for the variant, from ``child_args``.
         x: the batch every call feeds (float32, preprocessed).
         seconds: timed seconds per variant and round (after one warm-up call).
     """
@@ -105,9 +101,7 @@ def _child(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     x = np.load(args.tiles)
     if args.package is not None:
-        sys.path.insert(0, str(HERE.parents[1]))
         from xmag.engine import Engine
-        from xmag.settings import EngineSettings
 
         engine = Engine.from_dir(args.package, EngineSettings(variant=args.variant, cache_dir=None))
 
@@ -115,11 +109,11 @@ def _child(argv: list[str]) -> None:
             engine.encode(x)
     else:
         session = cpu_session(args.file, args.threads)
-        feed = {session.get_inputs()[0].name: x}
-        first_output = [session.get_outputs()[0].name]
+        feed = {session.input_names[0]: x}
+        first_output = session.output_names[:1]
 
         def call() -> None:
-            session.run(first_output, feed)
+            session.run(feed, first_output)
 
     call()  # warm-up: allocations, kernel choice
     wall: list[float] = []

@@ -18,9 +18,8 @@ ONNX Runtime's fused operators (``export_encoder(..., ort_fused=True)``): each t
 block is written as one ``com.microsoft::Attention`` node (QKV projection, scaled dot product,
 softmax and head merge), each exact GELU as ``com.microsoft::Gelu``, and each timm block's
 LayerScale is folded into the Linear before it (``diag(g) (W x + b) = (diag(g) W) x + g b``, exact
-in real arithmetic; ORT's CPU fuser leaves the Mul, which also keeps it from fusing the residual
-Add into SkipLayerNormalization). That graph is the source
-of the CPU int8 variant: ``quantize_dynamic`` turns the Attention nodes into ``QAttention`` (int8
+in real arithmetic; ORT's CPU fuser leaves the Mul in place). That graph is the source of the CPU
+int8 variant: ``quantize_dynamic`` turns the Attention nodes into ``QAttention`` (int8
 QKV projection inside ORT's own attention kernel), and the fused GELU lets ORT fold the MLP's
 bias into ``BiasGelu``. Standard ONNX has neither op, and TensorRT parses neither, so the fp32
 ``model.onnx`` every provider reads stays a plain graph; only the CPU-only int8 file uses them.

@@ -13,9 +13,9 @@
   projection inside ORT's attention kernel), and each LayerScale is folded into the int8 weights
   before it (exact; per-channel scales keep its precision). Softmax and LayerNorm keep fp32,
   which is why it holds accuracy on ViTs where static quantization's fixed activation ranges do
-  not. Demo
-  student, 2 cores, batch 32 (``benchmarks/bench_int8_demo.py``): see issue 13's note; the fused
-  graph is what lets int8 pay on a student this small, where MatMulInteger alone gained 1.3x.
+  not. Demo student, 2 cores, batch 32 (``benchmarks/bench_int8_demo.py``): see issue 13's note;
+  the fused graph is what lets int8 pay on a student this small, where MatMulInteger alone
+  gained 1.3x.
 - int8 static (optional): QDQ with activation ranges calibrated on real tiles read from slides.
 """
 
